@@ -1,0 +1,44 @@
+"""Dispatcher: `python run.py <command> [hydra overrides]`, e.g. `python run.py train experiment=smoke`."""
+import functools
+import sys
+from pathlib import Path
+
+import hydra
+
+from seq2seq import Seq2SeqError
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def train(cfg):
+    from seq2seq.train import train
+
+    return train(cfg)
+
+
+COMMANDS = {"train": train}
+
+
+def one_line_errors(task):
+    """Show a Seq2SeqError (bad corpus, config, checkpoint, input) as one line and exit 1."""
+    @functools.wraps(task)
+    def wrapped(cfg):
+        try:
+            return task(cfg)
+        except Seq2SeqError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    return wrapped
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        given = f"unknown command {sys.argv[1]!r}. " if len(sys.argv) > 1 else ""
+        print(f"{given}usage: python run.py {{{'|'.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    command = sys.argv.pop(1)
+    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
+
+
+if __name__ == "__main__":
+    main()

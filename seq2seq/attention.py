@@ -1,0 +1,97 @@
+"""Multi-head attention: one module for encoder self-attention, decoder causal self-attention and
+decoder cross-attention, which differ only in where the keys and values come from.
+
+Mask convention: a mask passed in is True where a key must be *hidden* (`src_pad_mask` is True at
+padding). It is flipped into the kernel's convention (True = may attend) in `keep_mask` only.
+The causal mask is never built by hand for the fast path: SDPA's `is_causal` applies it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask, True where query t may attend to key s."""
+    keep = None
+    if key_pad_mask is not None:
+        keep = ~key_pad_mask[:, None, None, :]  # (B, 1, 1, S)
+    if causal:
+        # query t sees keys 0..t (+ the S - T cached keys before the first query)
+        future = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
+        keep = ~future[None, None] if keep is None else keep & ~future
+    return keep
+
+
+def attention_weights(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_head)) with hidden keys at weight 0: the picture of attention.
+
+    Args: query (B, H, T, d_head), key (B, H, S, d_head), keep (B or 1, 1, T, S) or None.
+    Returns: weights (B, H, T, S); each row sums to 1 over the keys it may see.
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, T, S): relevance by dot product
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """n_heads attention heads side by side, each over a d_model / n_heads slice.
+
+    Set `store_weights = True` to keep the attention weights of the last call in `self.weights`
+    (B, H, T, S): the same forward pass then takes the explicit softmax path instead of the fused
+    SDPA kernel. Training and decoding leave it off.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)  # W_Q, W_K, W_V stacked: one matmul for self-attention
+        self.out_proj = nn.Linear(d_model, d_model)  # W_O
+        self.store_weights = False
+        self.weights: torch.Tensor | None = None
+
+    def self_attention(self, x: torch.Tensor, key_pad_mask: torch.Tensor | None = None,
+                       causal: bool = False) -> torch.Tensor:
+        """Queries, keys and values all come from x (B, T, D). Returns (B, T, D)."""
+        query, key, value = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D)
+        return self.attend(query, key, value, key_pad_mask, causal)
+
+    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor,
+                        memory_pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries come from the decoder x (B, T, D); keys and values from the encoder output memory (B, S, D)."""
+        query = F.linear(x, self.in_proj.weight[:self.d_model], self.in_proj.bias[:self.d_model])
+        key, value = self.project_memory(memory)
+        return self.attend(query, key, value, memory_pad_mask, causal=False)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, S, D) each, from the encoder output."""
+        kv = F.linear(memory, self.in_proj.weight[self.d_model:], self.in_proj.bias[self.d_model:])
+        return kv.chunk(2, dim=-1)
+
+    def attend(self, query, key, value, key_pad_mask, causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention over the heads. query (B, T, D), key/value (B, S, D) -> (B, T, D)."""
+        query, key, value = (self.split_heads(t) for t in (query, key, value))  # (B, H, T|S, d_head)
+        T, S = query.size(2), key.size(2)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.store_weights:
+            self.weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
+            context = F.dropout(self.weights, dropout_p) @ value  # (B, H, T, d_head)
+        elif causal and key_pad_mask is None and T == S:
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True)
+        else:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device),
+                dropout_p=dropout_p)
+        return self.out_proj(self.merge_heads(context))
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, d_head)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, L, _ = x.shape
+        return x.transpose(1, 2).reshape(B, L, self.d_model)  # (B, L, D)

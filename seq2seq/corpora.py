@@ -1,0 +1,227 @@
+"""Obtains parallel corpora as raw text lines (download, local mirror, or generated) and cleans them.
+
+Corpora: `small_enja` (the 50k-pair benchmark), `tatoeba` (raw tab-separated pairs),
+`files` (any aligned text files) and `demo` (the project's own generated corpus).
+"""
+import hashlib
+import io
+import logging
+import shutil
+import unicodedata
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from seq2seq import Seq2SeqError
+from seq2seq.demo_corpus import generate_pairs
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SMALL_ENJA_FILES = {"train": "train", "valid": "dev", "test": "test"}
+SMALL_ENJA_LINES = {"train": 50_000, "valid": 500, "test": 500}
+
+
+@dataclass
+class DataConfig:
+    """The `data` config group. Keys a corpus does not use stay None."""
+
+    corpus: str  # small_enja | tatoeba | files | demo
+    dir: str  # where the corpus files live (downloaded or generated into)
+    src_lang: str
+    tgt_lang: str
+    pretokenized: bool  # text is already word-segmented: BLEU uses tokenize="none"
+    normalize: bool  # apply Unicode NFKC when cleaning
+    vocab_size: int
+    max_len: int  # training pairs with a side longer than this many tokens are dropped
+    max_tokens: int  # token budget of one batch (padded, longer side)
+    num_workers: int = 0
+    url: str | None = None
+    valid_percent: float | None = None  # tatoeba: share of English sentences held out
+    test_percent: float | None = None
+    n_train: int | None = None  # demo: corpus sizes
+    n_valid: int | None = None
+    n_test: int | None = None
+    train_src: str | None = None  # files: one aligned pair of paths per split
+    train_tgt: str | None = None
+    valid_src: str | None = None
+    valid_tgt: str | None = None
+    test_src: str | None = None
+    test_tgt: str | None = None
+
+
+def clean_line(line: str, nfkc: bool) -> str:
+    """NFKC (optional), then trim and collapse whitespace: what training and translation both see."""
+    if nfkc:
+        line = unicodedata.normalize("NFKC", line)
+    return " ".join(line.split())
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file; invalid UTF-8 is an error naming the file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise Seq2SeqError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise Seq2SeqError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    return out
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise Seq2SeqError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+                           "line N of one must translate line N of the other")
+    return src, tgt
+
+
+def fetch(url: str, dest: Path) -> None:
+    """Copy `url` (http(s)://, file:// or a plain path) to `dest`, atomically."""
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise Seq2SeqError(f"could not fetch {url}: {getattr(e, 'reason', None) or e}") from None
+    tmp.replace(dest)
+
+
+def load_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Raw (src lines, tgt lines) for each split, fetching or generating the corpus if needed."""
+    if cfg.corpus == "small_enja":
+        return load_small_enja(cfg)
+    if cfg.corpus == "tatoeba":
+        return load_tatoeba(cfg)
+    if cfg.corpus == "files":
+        return {split: read_parallel(_required(cfg, f"{split}_src"), _required(cfg, f"{split}_tgt"))
+                for split in SPLITS}
+    if cfg.corpus == "demo":
+        return load_demo(cfg)
+    raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, files or demo")
+
+
+def _required(cfg: DataConfig, key: str) -> str:
+    value = getattr(cfg, key)
+    if not value:
+        raise Seq2SeqError(f"data.{key} is not set: data=files needs data.{{train,valid,test}}_{{src,tgt}}")
+    return value
+
+
+def load_small_enja(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    root = Path(cfg.dir)
+    for split, name in SMALL_ENJA_FILES.items():
+        for lang in (cfg.src_lang, cfg.tgt_lang):
+            path = root / f"{name}.{lang}"
+            if path.exists():
+                continue
+            log.info("fetching %s/%s.%s", cfg.url, name, lang)
+            try:
+                fetch(f"{cfg.url.rstrip('/')}/{name}.{lang}", path)
+            except Seq2SeqError as e:
+                raise Seq2SeqError(
+                    f"{e}. Put small_parallel_enja's {{train,dev,test}}.{{en,ja}} in {root}/, or point "
+                    "data.url at a copy (data.url=file:///path/to/small_parallel_enja); "
+                    "`experiment=smoke` runs offline on the demo corpus") from None
+    corpus = {}
+    for split, name in SMALL_ENJA_FILES.items():
+        src, tgt = read_parallel(root / f"{name}.{cfg.src_lang}", root / f"{name}.{cfg.tgt_lang}")
+        if len(src) != SMALL_ENJA_LINES[split]:
+            raise Seq2SeqError(f"{root / f'{name}.{cfg.src_lang}'} has {len(src)} lines, small_parallel_enja's "
+                               f"{name} split has {SMALL_ENJA_LINES[split]}: delete the file to fetch it again")
+        corpus[split] = (src, tgt)
+    return corpus
+
+
+def load_tatoeba(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Tab-separated `English<TAB>Japanese[<TAB>attribution]`, split by a hash of the English side.
+
+    Hashing the English sentence keeps all its translations in one split, so no English sentence
+    is both trained on and tested.
+    """
+    path = Path(cfg.dir) / "pairs.tsv"
+    if not path.exists():
+        log.info("fetching %s", cfg.url)
+        try:
+            fetch_tatoeba(cfg.url, path)
+        except Seq2SeqError as e:
+            raise Seq2SeqError(f"{e}. Put the tab-separated pairs in {path}, or point data.url at a copy "
+                               "(data.url=file:///path/to/pairs.tsv or jpn-eng.zip)") from None
+    splits = {split: ([], []) for split in SPLITS}
+    for lineno, line in enumerate(read_lines(path), 1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise Seq2SeqError(f"{path}:{lineno}: expected 'English<TAB>Japanese', found no tab")
+        pair = {"en": fields[0], "ja": fields[1]}
+        bucket = int(hashlib.md5(fields[0].strip().encode()).hexdigest(), 16) % 10_000 / 100
+        split = ("test" if bucket < cfg.test_percent
+                 else "valid" if bucket < cfg.test_percent + cfg.valid_percent else "train")
+        splits[split][0].append(pair[cfg.src_lang])
+        splits[split][1].append(pair[cfg.tgt_lang])
+    return splits
+
+
+def fetch_tatoeba(url: str, dest: Path) -> None:
+    """The manythings `jpn-eng.zip` holds `jpn.txt`; a plain .tsv/.txt URL is copied as it is."""
+    if not url.endswith(".zip"):
+        fetch(url, dest)
+        return
+    archive = dest.with_suffix(".zip")
+    fetch(url, archive)
+    with zipfile.ZipFile(archive) as zf:
+        member = next((n for n in zf.namelist() if n.endswith("jpn.txt")), None)
+        if member is None:
+            raise Seq2SeqError(f"{archive}: no jpn.txt inside")
+        dest.write_bytes(zf.read(member))
+
+
+def load_demo(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Generate the demo corpus into `cfg.dir` once (so it can be read and translated), then read it."""
+    root = Path(cfg.dir)
+    sizes = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
+    stamp = root / f"sizes-{sizes['train']}-{sizes['valid']}-{sizes['test']}"
+    if not stamp.exists():
+        held_out = generate_pairs(sizes["valid"] + sizes["test"], seed=1)
+        pairs = {"valid": held_out[:sizes["valid"]], "test": held_out[sizes["valid"]:],
+                 "train": generate_pairs(sizes["train"], seed=0, exclude={en for en, _ in held_out})}
+        root.mkdir(parents=True, exist_ok=True)
+        for split, split_pairs in pairs.items():
+            for i, lang in enumerate(("en", "ja")):
+                (root / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in split_pairs), encoding="utf-8")
+        stamp.touch()
+    return {split: read_parallel(root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}")
+            for split in SPLITS}
+
+
+def clean_corpus(corpus: dict[str, tuple[list[str], list[str]]], nfkc: bool):
+    """Clean every line; drop training pairs with an empty side (validation/test keep every line).
+
+    Validation/test references are cleaned like the training targets, so BLEU measures translation
+    rather than full-width vs half-width forms (with NFKC on, the model writes `?` for `？`).
+    """
+    cleaned = {}
+    for split, (src, tgt) in corpus.items():
+        src_clean = [clean_line(s, nfkc) for s in src]
+        tgt_clean = [clean_line(t, nfkc) for t in tgt]
+        if split == "train":
+            keep = [i for i in range(len(src)) if src_clean[i] and tgt_clean[i]]
+            if not keep:
+                raise Seq2SeqError("the training split has no pair with both sides non-empty")
+            if len(keep) < len(src):
+                log.info("train: dropped %d of %d pairs with an empty side", len(src) - len(keep), len(src))
+            src_clean, tgt_clean = [src_clean[i] for i in keep], [tgt_clean[i] for i in keep]
+        cleaned[split] = (src_clean, tgt_clean)
+    return cleaned

@@ -1,0 +1,128 @@
+"""TranslationModule: label-smoothed loss, AdamW with warmup + inverse-sqrt decay, and validation
+decoding with BLEU/chrF logging. Holds no model code: the model is the plain Transformer.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from seq2seq.metrics import corpus_scores
+from seq2seq.model import Transformer
+from seq2seq.search import greedy_search
+from seq2seq.tokenizer import Tokenizer
+
+MONITOR = "val/bleu"  # the checkpoint callback and early stopping watch this
+SPLIT_OF_STAGE = {"val": "valid", "test": "test"}
+
+
+@dataclass
+class OptimConfig:
+    lr: float  # peak learning rate, reached after warmup_steps
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+    label_smoothing: float
+
+
+def inverse_sqrt(step: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warmup to 1 at warmup_steps, then decay by sqrt(warmup_steps / step)."""
+    step = max(step, 1)
+    return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+class TranslationModule(L.LightningModule):
+    """Trains `model`; validation and test decode greedily and score against the cleaned references."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, optim: OptimConfig, data_info: dict):
+        super().__init__()
+        self.model, self.tokenizer, self.optim = model, tokenizer, optim
+        self.data_info = data_info  # src_lang, tgt_lang, normalize, bleu_tokenize: saved in checkpoints
+        self.hyps: list[tuple[int, str]] = []
+        self.loss_sum, self.token_count = 0.0, 0
+        self.test_results: dict = {}
+
+    def loss(self, batch: dict, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over the real target tokens (padding never reaches the output layer)."""
+        src, tgt_out = batch["src"], batch["tgt_out"]
+        src_pad_mask = self.model.pad_mask(src)
+        h = self.model.decode(batch["tgt_in"], self.model.encode(src, src_pad_mask), src_pad_mask)  # (B, T, D)
+        real = tgt_out.ne(self.model.cfg.pad_id)
+        logits = self.model.project(h[real])  # (N, V): only the N real target positions
+        return F.cross_entropy(logits.float(), tgt_out[real], label_smoothing=label_smoothing), int(real.sum())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n_tokens = self.loss(batch, self.optim.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n_tokens)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.hyps, self.loss_sum, self.token_count = [], 0.0, 0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n_tokens = self.loss(batch, label_smoothing=0.0)  # plain NLL, so exp(loss) is perplexity
+        self.loss_sum += float(loss) * n_tokens
+        self.token_count += n_tokens
+        src = batch["src"]
+        hyps = greedy_search(self.model, src, self.model.pad_mask(src))
+        self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps.tolist())))
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.log_scores("test")
+
+    def log_scores(self, stage: str) -> dict:
+        """Loss, perplexity, BLEU and chrF over what this epoch decoded (all of it, or a sanity-check slice)."""
+        self.hyps.sort()
+        refs = self.trainer.datamodule.texts[SPLIT_OF_STAGE[stage]][1]
+        hyps = [h for _, h in self.hyps]
+        scores = corpus_scores(hyps, [refs[i] for i, _ in self.hyps], self.data_info["bleu_tokenize"])
+        loss = self.loss_sum / max(self.token_count, 1)
+        metrics = {f"{stage}/loss": loss, f"{stage}/ppl": math.exp(min(loss, 50)),
+                   f"{stage}/bleu": scores["bleu"], f"{stage}/chrf": scores["chrf"]}
+        self.log_dict(metrics, prog_bar=stage == "val")
+        return {**metrics, f"{stage}/bleu_signature": scores["bleu_signature"],
+                f"{stage}/chrf_signature": scores["chrf_signature"], "hypotheses": hyps}
+
+    def configure_optimizers(self):
+        # no weight decay on biases and LayerNorm gains (the 1-D parameters)
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+        warmup = self.optim.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt(step, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Make the checkpoint self-contained: `translate` needs nothing but this file."""
+        checkpoint["seq2seq"] = {"model_config": asdict(self.model.cfg),
+                                 "spm_model": self.tokenizer.model_proto,
+                                 "data": dict(self.data_info)}
+
+
+class TokenThroughput(L.Callback):
+    """Real (non-pad) source+target tokens per second of training steps; logged as train/tokens_per_s."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.start = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self.start
+        self.tokens += batch["n_tokens"]
+        pl_module.log("train/tokens_per_s", self.tokens_per_s, batch_size=1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)

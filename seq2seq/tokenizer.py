@@ -1,0 +1,77 @@
+"""The joint SentencePiece model: trained on the training split, cached, serialized into checkpoints.
+
+This is the only place that knows the special ids (pad, unk, bos, eos).
+"""
+import hashlib
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A unigram SentencePiece model shared by source and target (one vocabulary, one embedding)."""
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, lines: list[str]) -> list[list[int]]:
+        return self.sp.encode(lines)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Ids to text; stops at the first eos and drops pad/bos, so raw search output can go in."""
+        return self.sp.decode([_strip_special(seq) for seq in ids])
+
+    def pieces(self, line: str) -> list[str]:
+        return self.sp.encode(line, out_type=str)
+
+
+def _strip_special(ids: list[int]) -> list[int]:
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID):
+            out.append(i)
+    return out
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, cache_dir: Path) -> Tokenizer:
+    """Train (or reuse from `cache_dir`) a unigram model with byte fallback on `lines`.
+
+    The cache key hashes the training text and every setting, so any change retrains.
+    """
+    settings = dict(
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,  # covers the common kanji; byte fallback catches the rest
+        byte_fallback=True,  # any character survives as UTF-8 bytes instead of becoming <unk>
+        split_digits=True,
+        normalization_rule_name="identity",  # text is NFKC-cleaned once, in corpora.clean_line
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        hard_vocab_limit=False,  # a tiny corpus may not fill vocab_size
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        num_threads=2, minloglevel=2,
+    )
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
+    for line in lines:
+        digest.update(line.encode() + b"\n")
+    path = Path(cache_dir) / f"spm-{digest.hexdigest()[:16]}.model"
+    if path.exists():
+        return Tokenizer(path.read_bytes())
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    return Tokenizer(model.getvalue())

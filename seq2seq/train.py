@@ -1,0 +1,84 @@
+"""`run.py train`: build tokenizer, data, model, module and Trainer from the config; fit; test; write results.json."""
+import json
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq import Seq2SeqError
+from seq2seq.corpora import DataConfig
+from seq2seq.data import TranslationDataModule
+from seq2seq.lit_module import MONITOR, OptimConfig, TokenThroughput, TranslationModule
+from seq2seq.metrics import bleu_tokenize
+from seq2seq.model import ModelConfig, Transformer
+
+log = logging.getLogger(__name__)
+
+
+def build_config(cls, cfg: DictConfig, group: str, **derived):
+    """`cls(**cfg)`, turning a misspelled, missing or impossible key into one line naming it."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise Seq2SeqError(f"unknown config key {group}.{unknown[0]} (known: {', '.join(sorted(known - set(derived)))})")
+    try:
+        return cls(**values, **derived)
+    except (TypeError, ValueError) as e:
+        raise Seq2SeqError(f"bad {group} config: {e}") from None
+
+
+def train(cfg: DictConfig) -> float:
+    """Train, keep the best checkpoint by dev BLEU, score it on the test split. Returns best val/bleu."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    data_cfg = build_config(DataConfig, cfg.data, "data")
+    datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=cfg.seed)
+    datamodule.setup("fit")
+    tokenizer = datamodule.tokenizer
+    model = Transformer(build_config(ModelConfig, cfg.model, "model",
+                                     vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+    data_info = {"src_lang": data_cfg.src_lang, "tgt_lang": data_cfg.tgt_lang, "normalize": data_cfg.normalize,
+                 "bleu_tokenize": bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized)}
+    module = TranslationModule(model, tokenizer, build_config(OptimConfig, cfg.optim, "optim"), data_info)
+
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+                                 save_last=True, enable_version_counter=False)
+    throughput = TokenThroughput()
+    callbacks = [checkpoint, throughput, EarlyStopping(MONITOR, mode="max", patience=cfg.patience)]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.pop("logger"):
+        trainer_cfg["logger"] = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tensorboard")]
+        callbacks.append(LearningRateMonitor("step"))
+    else:
+        trainer_cfg["logger"] = False
+    trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks)
+
+    log.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_time = time.perf_counter() - start
+    trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
+    return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
+
+
+def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpoint,
+                  throughput: TokenThroughput, train_time: float, global_step: int) -> float:
+    test = dict(module.test_results)
+    hyps = test.pop("hypotheses", [])
+    tgt_lang = module.data_info["tgt_lang"]
+    (out / f"test.hyp.{tgt_lang}").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    best = checkpoint.best_model_score
+    results = {**test, "val/bleu": float(best) if best is not None else None,
+               "best_checkpoint": checkpoint.best_model_path or None,
+               "n_params": sum(p.numel() for p in module.model.parameters()),
+               "train_time_s": round(train_time, 1), "train_tokens_per_s": round(throughput.tokens_per_s, 1),
+               "train_tokens": throughput.tokens, "global_step": global_step}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    log.info("results: %s", json.dumps({k: v for k, v in results.items() if "signature" not in k}))
+    return results["val/bleu"] if results["val/bleu"] is not None else float("nan")
