@@ -4,6 +4,11 @@ decoder cross-attention, which differ only in where the keys and values come fro
 Mask convention: a mask passed in is True where a key must be *hidden* (`src_pad_mask` is True at
 padding). It is flipped into the kernel's convention (True = may attend) in `keep_mask` only.
 The causal mask is never built by hand for the fast path: SDPA's `is_causal` applies it.
+
+Which kernel runs: `F.scaled_dot_product_attention`, except for bfloat16 on a CPU, where PyTorch's
+SDPA kernels measured 1.5-7x slower than the two matmuls and softmax of `attention_weights`
+(forward+backward, 4 heads of 64, T=16..512; see the commit that added this), and except when
+the weights are asked for. Both paths compute the same function.
 """
 import math
 
@@ -44,11 +49,11 @@ class MultiHeadAttention(nn.Module):
     SDPA kernel. Training and decoding leave it off.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.d_model, self.n_heads = d_model, n_heads
         self.in_proj = nn.Linear(d_model, 3 * d_model)  # W_Q, W_K, W_V stacked: one matmul for self-attention
         self.out_proj = nn.Linear(d_model, d_model)  # W_O
         self.store_weights = False
@@ -76,16 +81,15 @@ class MultiHeadAttention(nn.Module):
         """Scaled dot-product attention over the heads. query (B, T, D), key/value (B, S, D) -> (B, T, D)."""
         query, key, value = (self.split_heads(t) for t in (query, key, value))  # (B, H, T|S, d_head)
         T, S = query.size(2), key.size(2)
-        dropout_p = self.dropout if self.training else 0.0
-        if self.store_weights:
-            self.weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
-            context = F.dropout(self.weights, dropout_p) @ value  # (B, H, T, d_head)
+        if self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16):
+            weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
+            self.weights = weights if self.store_weights else None
+            context = weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
         elif causal and key_pad_mask is None and T == S:
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True)
+            context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
         else:
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device),
-                dropout_p=dropout_p)
+                query, key, value, attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device))
         return self.out_proj(self.merge_heads(context))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:

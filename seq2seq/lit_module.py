@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
+from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
 from seq2seq.search import greedy_search
@@ -49,9 +49,9 @@ class TranslationModule(L.LightningModule):
         src, tgt_out = batch["src"], batch["tgt_out"]
         src_pad_mask = self.model.pad_mask(src)
         h = self.model.decode(batch["tgt_in"], self.model.encode(src, src_pad_mask), src_pad_mask)  # (B, T, D)
-        real = tgt_out.ne(self.model.cfg.pad_id)
-        logits = self.model.project(h[real])  # (N, V): only the N real target positions
-        return F.cross_entropy(logits.float(), tgt_out[real], label_smoothing=label_smoothing), int(real.sum())
+        real = tgt_out.ne(self.model.cfg.pad_id)  # only the N real target positions reach the output layer
+        loss = projection_cross_entropy(h[real], self.model.embed.weight, tgt_out[real], label_smoothing)
+        return loss, int(real.sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self.loss(batch, self.optim.label_smoothing)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from seq2seq import Seq2SeqError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -69,7 +71,11 @@ def train_tokenizer(lines: list[str], vocab_size: int, cache_dir: Path) -> Token
     if path.exists():
         return Tokenizer(path.read_bytes())
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **settings)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **settings)
+    except RuntimeError as e:  # e.g. a vocab_size below the corpus's character count + 256 byte pieces
+        raise Seq2SeqError(f"SentencePiece training failed (data.vocab_size={vocab_size}): "
+                           f"{str(e).split('] ')[-1]}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())

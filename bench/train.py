@@ -1,0 +1,144 @@
+"""Training throughput: seq2seq's Transformer against Hugging Face MarianMTModel of the same shape.
+
+Both train on the very same small_parallel_enja batches (our token-budget batches); the number
+that matters is real (non-pad) source+target tokens per second, printed with the ratio and the
+fraction of the machine's measured matmul peak each step reaches.
+
+    python bench/train.py --data-url ../shared/data/small_parallel_enja [--steps 20] [--model small]
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
+
+from seq2seq.corpora import DataConfig
+from seq2seq.data import TranslationDataModule
+from seq2seq.lit_module import OptimConfig, TranslationModule
+from seq2seq.model import ModelConfig, Transformer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of an n x n matmul: the machine's practical peak for this dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def ours(cfg, tokenizer):
+    model = Transformer(ModelConfig(**cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+    module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), {})
+    return model, lambda batch: module.loss(batch, cfg.optim.label_smoothing)[0]
+
+
+def marian(cfg, tokenizer, attn_implementation: str):
+    from transformers import MarianConfig, MarianMTModel
+
+    m = cfg.model
+    config = MarianConfig(
+        vocab_size=tokenizer.vocab_size, decoder_vocab_size=tokenizer.vocab_size, d_model=m.d_model,
+        encoder_layers=m.n_enc_layers, decoder_layers=m.n_dec_layers, encoder_attention_heads=m.n_heads,
+        decoder_attention_heads=m.n_heads, encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff,
+        activation_function="relu", dropout=m.dropout, attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=m.max_len, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+        decoder_start_token_id=tokenizer.bos_id, scale_embedding=True, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True, attn_implementation=attn_implementation)
+    model = MarianMTModel(config)
+
+    def loss(batch):
+        logits = model(input_ids=batch["src"], attention_mask=batch["src"].ne(tokenizer.pad_id),
+                       decoder_input_ids=batch["tgt_in"]).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
+                               ignore_index=tokenizer.pad_id, label_smoothing=cfg.optim.label_smoothing)
+    return model, loss
+
+
+def train_steps(model, loss_fn, batches, bf16: bool) -> float:
+    """Seconds for one optimizer step per batch: forward, backward, clip, AdamW."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    start = time.perf_counter()
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def step_flops(model, loss_fn, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-url", default="../shared/data/small_parallel_enja")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per system and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={args.model}", "data=small_enja", f"data_dir={args.data_dir}",
+                                          f"data.url={Path(args.data_url).resolve().as_uri()}", "output_dir=."])
+    datamodule = TranslationDataModule(DataConfig(**cfg.data), Path(cfg.data_dir) / "cache", seed=cfg.seed)
+    datamodule.setup()
+    loader = iter(datamodule.train_dataloader())
+    warmup = [next(loader) for _ in range(3)]
+    batches = [next(loader) for _ in range(args.steps)]
+    n_tokens = sum(b["n_tokens"] for b in batches)
+    n_padded = sum(b["src"].numel() + b["tgt_out"].numel() for b in batches)
+    print(f"batches: {args.steps} x max_tokens={cfg.data.max_tokens}, {n_tokens} real tokens "
+          f"({n_tokens / n_padded:.0%} of padded), model={args.model}, vocab={datamodule.tokenizer.vocab_size}, "
+          f"threads={torch.get_num_threads()}, torch {torch.__version__}")
+    peak = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
+    print(f"matmul peak (2048^2): fp32 {peak[False]:.0f} GFLOP/s, bf16 {peak[True]:.0f} GFLOP/s")
+
+    systems = {}
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        systems[f"seq2seq {tag}"] = (*ours(cfg, datamodule.tokenizer), bf16)
+        for impl in ("eager", "sdpa"):
+            systems[f"Marian {impl} {tag}"] = (*marian(cfg, datamodule.tokenizer, impl), bf16)
+    times = {name: [] for name in systems}
+    for name, (model, loss_fn, bf16) in systems.items():
+        train_steps(model, loss_fn, warmup, bf16)
+    for _ in range(args.rounds):
+        for name, (model, loss_fn, bf16) in systems.items():
+            times[name].append(train_steps(model, loss_fn, batches, bf16))
+
+    rate = {name: n_tokens / statistics.median(t) for name, t in times.items()}
+    best_peer = max((n for n in rate if n.startswith("Marian")), key=rate.get)
+    print(f"\n{'system':<20} {'params':>10} {'tokens/s':>10} {'vs best Marian':>15} {'% of matmul peak':>17}")
+    for name, (model, loss_fn, bf16) in systems.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            flops = step_flops(model, loss_fn, batches[0]) * n_tokens / batches[0]["n_tokens"]
+        achieved = flops / statistics.median(times[name]) / 1e9
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:<20} {params:>10,} {rate[name]:>10.0f} {rate[name] / rate[best_peer]:>14.2f}x "
+              f"{achieved / peak[bf16]:>16.0%}")
+    best_ours = max((n for n in rate if n.startswith("seq2seq")), key=rate.get)
+    print(f"\nbest seq2seq ({best_ours}) / best Marian ({best_peer}): {rate[best_ours] / rate[best_peer]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the generated demo corpus, a tokenizer trained on it, the real config composed small."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from seq2seq.corpora import DataConfig, load_demo
+from seq2seq.model import ModelConfig, Transformer
+from seq2seq.tokenizer import train_tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(data_dir):
+    """The demo corpus, generated like `data=demo` does: {split: (en lines, ja lines)}."""
+    cfg = compose_train(["data=demo", f"data_dir={data_dir}", "output_dir=unused"])
+    return load_demo(DataConfig(**cfg.data))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_corpus, data_dir):
+    src, tgt = demo_corpus["train"]
+    return train_tokenizer(src + tgt, vocab_size=400, cache_dir=data_dir / "cache")
+
+
+@pytest.fixture
+def tiny_cfg(data_dir, tmp_path):
+    """The real conf/ with model=tiny data=demo trainer=debug, writing under tmp_path."""
+    return compose_train(["model=tiny", "data=demo", "trainer=debug", f"data_dir={data_dir}",
+                          f"output_dir={tmp_path}"])
+
+
+@pytest.fixture
+def tiny_model(tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, d_model=32, n_heads=2, d_ff=64,
+                      n_enc_layers=1, n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=64)
+    return Transformer(cfg).eval()

@@ -1,0 +1,134 @@
+"""Attention properties: causality, padding invariance, weights that are a distribution, both kernels agree."""
+import math
+
+import pytest
+import torch
+
+from seq2seq.attention import MultiHeadAttention, attention_weights, keep_mask
+from seq2seq.model import ModelConfig, Transformer
+
+
+def batch(vocab: int, B=3, S=7, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (B, S), generator=g)
+    src[1, 5:] = 0  # padding at the end of sentence 1
+    src[2, 3:] = 0
+    tgt = torch.randint(4, vocab, (B, T), generator=g)
+    return src, tgt
+
+
+def test_output_shapes(tiny_model):
+    src, tgt = batch(tiny_model.cfg.vocab_size)
+    assert tiny_model(src, tgt).shape == (3, 6, tiny_model.cfg.vocab_size)
+    assert tiny_model.encode(src, tiny_model.pad_mask(src)).shape == (3, 7, 32)
+
+
+def test_changing_target_token_t_leaves_earlier_decoder_outputs_unchanged(tiny_model):
+    src, tgt = batch(tiny_model.cfg.vocab_size)
+    t = 3
+    changed = tgt.clone()
+    changed[:, t] = (changed[:, t] + 1) % tiny_model.cfg.vocab_size
+    with torch.no_grad():
+        before, after = tiny_model(src, tgt), tiny_model(src, changed)
+    torch.testing.assert_close(before[:, :t], after[:, :t])
+    assert not torch.allclose(before[:, t], after[:, t])  # the test can fail: position t does see it
+
+
+def test_changing_padded_source_positions_leaves_outputs_unchanged(tiny_model):
+    src, tgt = batch(tiny_model.cfg.vocab_size)
+    pad_mask = tiny_model.pad_mask(src)
+    garbage = src.clone()
+    garbage[pad_mask] = 9  # a real token id where there was padding, but still masked as padding
+    with torch.no_grad():
+        memory = tiny_model.encode(src, pad_mask)
+        memory_garbage = tiny_model.encode(garbage, pad_mask)
+        out = tiny_model.decode(tgt, memory, pad_mask)
+        out_garbage = tiny_model.decode(tgt, memory_garbage, pad_mask)
+    torch.testing.assert_close(memory[~pad_mask], memory_garbage[~pad_mask])
+    torch.testing.assert_close(out, out_garbage)
+    # and without the mask the garbage would have leaked in
+    with torch.no_grad():
+        leaked = tiny_model.decode(tgt, tiny_model.encode(garbage, torch.zeros_like(pad_mask)), pad_mask)
+    assert not torch.allclose(out, leaked)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_sum_to_one_over_unmasked_keys_and_are_zero_elsewhere(causal):
+    torch.manual_seed(0)
+    B, H, T, d = 2, 3, 5, 4
+    query, key = torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    key_pad_mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    keep = keep_mask(key_pad_mask, causal, T, T, "cpu")
+    weights = attention_weights(query, key, keep)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, T))
+    assert (weights.masked_select(~keep.expand_as(weights)) == 0).all()
+    assert (weights.masked_select(keep.expand_as(weights)) > 0).all()
+    if causal:
+        assert (weights[..., 0, 1:] == 0).all()  # the first token sees only itself
+
+
+def test_weights_match_softmax_of_scaled_dot_products_by_hand():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3)
+    expected = torch.empty(2, 2)
+    for t in range(2):
+        scores = [float(query[0, 0, t] @ key[0, 0, s]) / math.sqrt(3) for s in range(2)]
+        total = sum(math.exp(x) for x in scores)
+        expected[t] = torch.tensor([math.exp(x) / total for x in scores])
+    torch.testing.assert_close(attention_weights(query, key, None)[0, 0], expected)
+
+
+@pytest.mark.parametrize("kind", ["self", "causal", "cross"])
+def test_explicit_weights_path_equals_sdpa_path(kind):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    mem_pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+
+    def run():
+        if kind == "self":
+            return mha.self_attention(x, key_pad_mask=mem_pad[:, :5])
+        if kind == "causal":
+            return mha.self_attention(x, causal=True)
+        return mha.cross_attention(x, memory, mem_pad)
+
+    fast = run()
+    mha.store_weights = True
+    slow = run()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert mha.weights.shape == (2, 4, 5, 7 if kind == "cross" else 5)
+
+
+def test_cross_attention_takes_keys_and_values_from_memory_only():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2).eval()
+    x, memory = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    out = mha.cross_attention(x, memory, None)
+    assert not torch.allclose(out, mha.cross_attention(x, memory + 1, None))
+    # changing one query row changes only that row: the other queries attend to the same memory
+    x2 = x.clone()
+    x2[0, 0] += 1
+    out2 = mha.cross_attention(x2, memory, None)
+    torch.testing.assert_close(out[0, 1:], out2[0, 1:])
+
+
+def test_bf16_cpu_path_matches_fp32(tiny_model):
+    src, tgt = batch(tiny_model.cfg.vocab_size)
+    with torch.no_grad():
+        ref = tiny_model(src, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny_model(src, tgt)
+    assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_d_model_must_divide_into_heads():
+    with pytest.raises(ValueError, match="not divisible"):
+        ModelConfig(vocab_size=10, pad_id=0, d_model=30, n_heads=4, d_ff=8, n_enc_layers=1, n_dec_layers=1,
+                    dropout=0.0, pre_norm=True, max_len=8)
+
+
+def test_post_norm_variant_runs(tokenizer):
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, pad_id=0, d_model=16, n_heads=2, d_ff=32,
+                      n_enc_layers=1, n_dec_layers=1, dropout=0.0, pre_norm=False, max_len=16)
+    src, tgt = batch(tokenizer.vocab_size)
+    assert torch.isfinite(Transformer(cfg)(src, tgt)).all()

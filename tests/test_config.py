@@ -1,0 +1,40 @@
+"""Every config group option composes with train.yaml and builds the objects it configures."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from seq2seq import Seq2SeqError
+from seq2seq.corpora import DataConfig
+from seq2seq.lit_module import OptimConfig
+from seq2seq.model import ModelConfig
+from seq2seq.train import build_config
+from tests.conftest import CONF_DIR, compose_train
+
+GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(Path(CONF_DIR).iterdir())
+                 if group.is_dir() and group.name != "hydra" for option in sorted(group.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_config_option_composes_and_builds(group, option, tmp_path):
+    overrides = [f"{group}={option}", f"data_dir={tmp_path}", f"output_dir={tmp_path}"]
+    if group == "data" and option == "files":
+        overrides += [f"data.{s}_{side}=x" for s in ("train", "valid", "test") for side in ("src", "tgt")]
+    cfg = compose_train(overrides)
+    OmegaConf.resolve(cfg)
+    build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)
+    build_config(DataConfig, cfg.data, "data")
+    build_config(OptimConfig, cfg.optim, "optim")
+    assert set(cfg.trainer) >= {"accelerator", "devices", "precision", "logger"}
+
+
+def test_misspelled_model_key_is_one_line_naming_it(tmp_path):
+    cfg = compose_train([f"output_dir={tmp_path}", "+model.n_head=4"])
+    with pytest.raises(Seq2SeqError, match=r"unknown config key model\.n_head \(known: .*n_heads"):
+        build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)
+
+
+def test_heads_must_divide_d_model(tmp_path):
+    cfg = compose_train([f"output_dir={tmp_path}", "model.d_model=100", "model.n_heads=3"])
+    with pytest.raises(Seq2SeqError, match=r"model\.d_model=100 is not divisible by model\.n_heads=3"):
+        build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)

@@ -1,0 +1,129 @@
+"""Corpus loading, cleaning and every bad-input error (one line naming the file, and line)."""
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from seq2seq import Seq2SeqError
+from seq2seq.corpora import (SMALL_ENJA_LINES, DataConfig, clean_corpus, clean_line, load_corpus,
+                             read_parallel)
+from tests.conftest import ROOT
+
+
+def data_cfg(corpus, directory, **kw) -> DataConfig:
+    base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
+                normalize=True, vocab_size=300, max_len=64, max_tokens=1024)
+    return DataConfig(**{**base, **kw})
+
+
+def test_clean_line_nfkc_and_whitespace():
+    assert clean_line("  Ｈｅｌｌｏ\u3000 ｗｏｒｌｄ！\t", nfkc=True) == "Hello world!"
+    assert clean_line("  Ｈｅｌｌｏ\u3000 ｗｏｒｌｄ！\t", nfkc=False) == "Ｈｅｌｌｏ ｗｏｒｌｄ！"
+
+
+def test_clean_corpus_drops_empty_training_pairs_but_keeps_every_test_line():
+    corpus = {"train": (["a", " ", "b"], ["x", "y", "\u3000"]), "valid": (["", "c"], ["z", ""]),
+              "test": ([" "], ["w"])}
+    cleaned = clean_corpus(corpus, nfkc=True)
+    assert cleaned["train"] == (["a"], ["x"])
+    assert cleaned["valid"] == (["", "c"], ["z", ""]) and cleaned["test"] == ([""], ["w"])
+
+
+def test_mismatched_line_counts(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\n")
+    (tmp_path / "a.ja").write_text("一\n")
+    with pytest.raises(Seq2SeqError, match=r"a\.en has 2 lines but .*a\.ja has 1"):
+        read_parallel(tmp_path / "a.en", tmp_path / "a.ja")
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "a.en").write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    (tmp_path / "a.ja").write_text("一\n二\n三\n")
+    with pytest.raises(Seq2SeqError, match=r"a\.en:3: invalid UTF-8"):
+        read_parallel(tmp_path / "a.en", tmp_path / "a.ja")
+
+
+def test_missing_file(tmp_path):
+    (tmp_path / "a.en").write_text("x\n")
+    with pytest.raises(Seq2SeqError, match=r"missing\.ja: cannot read"):
+        read_parallel(tmp_path / "a.en", tmp_path / "missing.ja")
+
+
+def test_files_corpus_requires_paths(tmp_path):
+    with pytest.raises(Seq2SeqError, match="data.train_src is not set"):
+        load_corpus(data_cfg("files", tmp_path))
+
+
+def write_small_enja_mirror(root, n_train=SMALL_ENJA_LINES["train"]):
+    root.mkdir()
+    for name, split in (("train", "train"), ("dev", "valid"), ("test", "test")):
+        n = n_train if split == "train" else SMALL_ENJA_LINES[split]
+        (root / f"{name}.en").write_text("".join(f"sentence {i} .\n" for i in range(n)))
+        (root / f"{name}.ja").write_text("".join(f"文 {i} 。\n" for i in range(n)))
+
+
+def test_small_enja_fetches_from_a_file_url_mirror_and_swaps_direction(tmp_path):
+    write_small_enja_mirror(tmp_path / "mirror")
+    cfg = data_cfg("small_enja", tmp_path / "corpus", url=(tmp_path / "mirror").as_uri())
+    corpus = load_corpus(cfg)
+    assert {s: len(corpus[s][0]) for s in corpus} == SMALL_ENJA_LINES
+    assert corpus["test"][0][1] == "sentence 1 ." and corpus["test"][1][1] == "文 1 。"
+    assert (tmp_path / "corpus" / "train.ja").exists()
+    jaen = load_corpus(replace(cfg, src_lang="ja", tgt_lang="en"))
+    assert jaen["valid"][0][0] == "文 0 。"
+
+
+def test_small_enja_fetch_failure_says_how_to_provide_the_files(tmp_path):
+    cfg = data_cfg("small_enja", tmp_path / "corpus", url=(tmp_path / "nowhere").as_uri())
+    with pytest.raises(Seq2SeqError, match="could not fetch .*experiment=smoke"):
+        load_corpus(cfg)
+
+
+def test_small_enja_wrong_line_count(tmp_path):
+    write_small_enja_mirror(tmp_path / "mirror", n_train=10)
+    cfg = data_cfg("small_enja", tmp_path / "corpus", url=str(tmp_path / "mirror"))  # a plain path works too
+    with pytest.raises(Seq2SeqError, match=r"train\.en has 10 lines, .* has 50000"):
+        load_corpus(cfg)
+
+
+def test_tatoeba_split_keeps_each_english_sentence_in_one_split(tmp_path):
+    lines = []
+    for i in range(400):
+        lines += [f"Sentence {i}.\t文{i}です。\tCC-BY 2.0 (France) Attribution", f"Sentence {i}.\t文{i}だ。"]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    cfg = data_cfg("tatoeba", tmp_path, valid_percent=10, test_percent=10)
+    corpus = load_corpus(cfg)
+    english = {split: set(corpus[split][0]) for split in corpus}
+    assert sum(len(corpus[s][0]) for s in corpus) == 800
+    assert all(len(corpus[s][0]) > 0 for s in corpus)
+    assert not (english["train"] & english["valid"] or english["train"] & english["test"]
+                or english["valid"] & english["test"])
+    assert load_corpus(cfg) == corpus  # deterministic
+    jaen = load_corpus(replace(cfg, src_lang="ja", tgt_lang="en"))
+    assert jaen["train"] == (corpus["train"][1], corpus["train"][0])
+
+
+def test_tatoeba_line_without_tab(tmp_path):
+    (tmp_path / "pairs.tsv").write_text("Hi.\tやあ。\nno tab here\n")
+    with pytest.raises(Seq2SeqError, match=r"pairs\.tsv:2: expected 'English<TAB>Japanese'"):
+        load_corpus(data_cfg("tatoeba", tmp_path, valid_percent=5, test_percent=5))
+
+
+def test_demo_corpus_splits_are_disjoint(demo_corpus):
+    train, valid, test = (set(demo_corpus[s][0]) for s in ("train", "valid", "test"))
+    assert len(train) == 6000 and len(valid) == 200 and len(test) == 200
+    assert not (train & valid or train & test or valid & test)
+
+
+def test_run_py_reports_a_bad_corpus_in_one_line(tmp_path):
+    (tmp_path / "t.en").write_text("a\nb\n")
+    (tmp_path / "t.ja").write_bytes(b"\xe3\x81\x82\n\xff\n")
+    paths = [f"data.{split}_{side}={tmp_path}/t.{lang}" for split in ("train", "valid", "test")
+             for side, lang in (("src", "en"), ("tgt", "ja"))]
+    proc = subprocess.run([sys.executable, "run.py", "train", "data=files", "model=tiny", "trainer=debug",
+                           f"data_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *paths],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/t.ja:2: invalid UTF-8 (invalid start byte at byte 0)"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,74 @@
+"""Token-budget batching, padding, and the binarized cache."""
+import numpy as np
+import pytest
+import torch
+
+from seq2seq import Seq2SeqError
+from seq2seq.data import LengthOrderSampler, TokenArray, TokenBatchSampler, collate
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def sampler(sizes, max_tokens=64, shuffle=True, seed=0):
+    return TokenBatchSampler(LengthOrderSampler(np.asarray(sizes), shuffle, seed), max_tokens)
+
+
+def test_batches_respect_the_budget_and_cover_every_pair_once():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(2, 30, size=500)
+    batches = sampler(sizes).batches()
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(len(b) * sizes[b].max() <= 64 for b in batches)
+    # bucketing: lengths within a batch are close, so padding is small
+    padded = sum(len(b) * sizes[b].max() for b in batches)
+    assert sizes.sum() / padded > 0.9
+
+
+def test_shuffling_changes_with_epoch_and_is_reproducible():
+    sizes = np.random.default_rng(0).integers(2, 30, size=300)
+    s = sampler(sizes)
+    first = s.batches()
+    s.sampler.set_epoch(1)
+    second = s.batches()
+    assert first != second
+    s.sampler.set_epoch(0)
+    assert s.batches() == first
+    assert sampler(sizes, shuffle=False).batches() == sampler(sizes, shuffle=False).batches()
+
+
+def test_budget_smaller_than_one_sentence_is_an_error():
+    with pytest.raises(Seq2SeqError, match="max_tokens=8 is smaller than one sentence"):
+        sampler([3, 12], max_tokens=8)
+
+
+def test_collate_adds_eos_bos_and_pads_only_within_the_batch():
+    batch = collate([(0, np.array([5, 6, 7]), np.array([8])), (1, np.array([9]), np.array([10, 11]))])
+    assert batch["src"].tolist() == [[5, 6, 7, EOS_ID], [9, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch["tgt_in"].tolist() == [[BOS_ID, 8, PAD_ID], [BOS_ID, 10, 11]]
+    assert batch["tgt_out"].tolist() == [[8, EOS_ID, PAD_ID], [10, 11, EOS_ID]]
+    assert batch["n_tokens"] == 4 + 2 + 2 + 3
+
+
+def test_token_array_round_trip_is_memory_mapped(tmp_path):
+    seqs = [[1, 2, 3], [], [4], list(range(100))]
+    built = TokenArray.build(seqs, tmp_path / "train.src")
+    loaded = TokenArray.load(tmp_path / "train.src")
+    assert isinstance(loaded.tokens, np.memmap)
+    assert [loaded[i].tolist() for i in range(4)] == seqs == [built[i].tolist() for i in range(4)]
+    assert loaded.lengths.tolist() == [3, 0, 1, 100]
+
+
+def test_datamodule_second_setup_reuses_the_cache(tiny_cfg):
+    from seq2seq.corpora import DataConfig
+    from seq2seq.data import TranslationDataModule
+
+    cfg = DataConfig(**tiny_cfg.data)
+    first = TranslationDataModule(cfg, tiny_cfg.data_dir + "/cache", seed=0)
+    first.setup()
+    arrays = sorted((p.name, p.stat().st_mtime_ns) for p in (first.cache_dir).rglob("*.npy"))
+    second = TranslationDataModule(cfg, tiny_cfg.data_dir + "/cache", seed=0)
+    second.setup()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (first.cache_dir).rglob("*.npy")) == arrays
+    assert second.tokenizer.model_proto == first.tokenizer.model_proto
+    batch = next(iter(second.train_dataloader()))
+    assert batch["src"].dtype == torch.long and batch["src"].numel() <= cfg.max_tokens
+    assert len(second.datasets["test"]) == 200  # valid/test keep every line

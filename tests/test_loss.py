@@ -1,0 +1,42 @@
+"""The fused projection + cross-entropy equals F.cross_entropy in value and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.loss import projection_cross_entropy
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_matches_reference_in_float64(label_smoothing, chunk_rows):
+    torch.manual_seed(0)
+    h = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 30, (50,))
+    ref = F.cross_entropy(h @ weight.t(), target, label_smoothing=label_smoothing)
+    ref_grads = torch.autograd.grad(ref, [h, weight])
+    out = projection_cross_entropy(h, weight, target, label_smoothing, chunk_rows)
+    grads = torch.autograd.grad(out * 3, [h, weight])  # the incoming gradient is applied too
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], 3 * ref_grads[0])
+    torch.testing.assert_close(grads[1], 3 * ref_grads[1])
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    h, weight = torch.randn(40, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    target = torch.randint(0, 50, (40,))
+    ref = F.cross_entropy(h @ weight.t(), target, label_smoothing=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = projection_cross_entropy(h, weight, target, 0.1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
+    out.backward()
+    assert h.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_no_gradient_work_without_grad():
+    h, weight = torch.randn(5, 4), torch.randn(6, 4)
+    with torch.no_grad():
+        loss = projection_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3, 4]))
+    torch.testing.assert_close(loss, F.cross_entropy(h @ weight.t(), torch.tensor([0, 1, 2, 3, 4])))
