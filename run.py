@@ -16,7 +16,19 @@ def train(cfg):
     return train(cfg)
 
 
-COMMANDS = {"train": train}
+def translate(cfg):
+    from seq2seq.translate import translate
+
+    return translate(cfg)
+
+
+def evaluate(cfg):
+    from seq2seq.evaluate import evaluate
+
+    return evaluate(cfg)
+
+
+COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate}
 
 
 def one_line_errors(task):

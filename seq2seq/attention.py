@@ -60,16 +60,33 @@ class MultiHeadAttention(nn.Module):
         self.weights: torch.Tensor | None = None
 
     def self_attention(self, x: torch.Tensor, key_pad_mask: torch.Tensor | None = None,
-                       causal: bool = False) -> torch.Tensor:
-        """Queries, keys and values all come from x (B, T, D). Returns (B, T, D)."""
+                       causal: bool = False, cache: dict | None = None) -> torch.Tensor:
+        """Queries, keys and values all come from x (B, T, D). Returns (B, T, D).
+
+        With a `cache` (incremental decoding), x holds only the new positions: their keys and values
+        are appended to the cached ones, so earlier positions are never projected again.
+        """
         query, key, value = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D)
+        if cache is not None:
+            if "key" in cache:
+                key = torch.cat([cache["key"], key], dim=1)  # (B, S_past + T, D)
+                value = torch.cat([cache["value"], value], dim=1)
+            cache["key"], cache["value"] = key, value
         return self.attend(query, key, value, key_pad_mask, causal)
 
-    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor,
-                        memory_pad_mask: torch.Tensor | None) -> torch.Tensor:
-        """Queries come from the decoder x (B, T, D); keys and values from the encoder output memory (B, S, D)."""
+    def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, memory_pad_mask: torch.Tensor | None,
+                        cache: dict | None = None) -> torch.Tensor:
+        """Queries come from the decoder x (B, T, D); keys and values from the encoder output memory (B, S, D).
+
+        With a `cache`, the memory's keys and values are projected on the first call only.
+        """
         query = F.linear(x, self.in_proj.weight[:self.d_model], self.in_proj.bias[:self.d_model])
-        key, value = self.project_memory(memory)
+        if cache is not None and "key" in cache:
+            key, value = cache["key"], cache["value"]
+        else:
+            key, value = self.project_memory(memory)
+            if cache is not None:
+                cache["key"], cache["value"] = key, value
         return self.attend(query, key, value, memory_pad_mask, causal=False)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,10 +85,13 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
         self.sublayers = nn.ModuleList(Sublayer(cfg.d_model, cfg.dropout, cfg.pre_norm) for _ in range(3))
 
-    def forward(self, y: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor,
+                cache: dict | None = None) -> torch.Tensor:
         # Target padding needs no mask: it only ever follows the real tokens, which the causal mask hides it from.
-        y = self.sublayers[0](y, lambda h: self.self_attn.self_attention(h, causal=True))
-        y = self.sublayers[1](y, lambda h: self.cross_attn.cross_attention(h, memory, src_pad_mask))
+        self_cache, cross_cache = (cache.setdefault("self", {}), cache.setdefault("cross", {})) if cache is not None \
+            else (None, None)
+        y = self.sublayers[0](y, lambda h: self.self_attn.self_attention(h, causal=True, cache=self_cache))
+        y = self.sublayers[1](y, lambda h: self.cross_attn.cross_attention(h, memory, src_pad_mask, cross_cache))
         return self.sublayers[2](y, self.ffn)
 
 
@@ -141,6 +144,17 @@ class Transformer(nn.Module):
         for layer in self.decoder_layers:
             y = layer(y, memory, src_pad_mask)
         return self.decoder_norm(y)
+
+    def decode_step(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor,
+                    cache: list[dict]) -> torch.Tensor:
+        """Incremental decoding: tgt_in (B, 1) holds only the newest token; `cache` (one dict per layer,
+        start with `[{} for _ in decoder_layers]`) keeps the keys/values of everything before it.
+        Returns the newest position's decoder state (B, D)."""
+        step = cache[0]["self"]["key"].size(1) if cache[0] else 0
+        y = self.embed_tokens(tgt_in, start=step)
+        for layer, layer_cache in zip(self.decoder_layers, cache):
+            y = layer(y, memory, src_pad_mask, layer_cache)
+        return self.decoder_norm(y)[:, -1]
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Decoder states (..., D) -> logits (..., V), through the shared embedding matrix."""

@@ -1,4 +1,4 @@
-"""Decoding: greedy search over the plain Transformer (beam search and a KV cache: issue #3)."""
+"""Decoding over the plain Transformer: greedy search with the incremental (KV-cached) decoder."""
 import torch
 
 from seq2seq.model import Transformer
@@ -22,11 +22,75 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
     memory = model.encode(src, src_pad_mask)
     ys = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+    cache = [{} for _ in model.decoder_layers]
     for _ in range(max_output_len(src_pad_mask, model, max_len_a, max_len_b)):
-        logits = model.project(model.decode(ys, memory, src_pad_mask)[:, -1])  # (B, V)
+        logits = model.project(model.decode_step(ys[:, -1:], memory, src_pad_mask, cache))  # (B, V)
         next_token = logits.argmax(-1).masked_fill(finished, PAD_ID)  # (B,)
         ys = torch.cat([ys, next_token[:, None]], dim=1)
         finished |= next_token.eq(EOS_ID)
         if finished.all():
             break
     return ys[:, 1:]
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT (Wu et al., 2016, eq. 14): lp(Y) = ((5 + |Y|) / 6) ** alpha; scores are log P / lp."""
+    return ((5 + length) / 6) ** alpha
+
+
+def reorder_cache(cache: list[dict], order: torch.Tensor) -> None:
+    """Make row i of every self-attention key/value cache the old row order[i] (beams were re-ranked).
+
+    The cross-attention cache needs no reordering: all K beams of a sentence share its memory.
+    """
+    for layer in cache:
+        for name in ("key", "value"):
+            layer["self"][name] = layer["self"][name].index_select(0, order)
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, beam_size: int = 5,
+                alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.5,
+                max_len_b: int = 10) -> list[list[tuple[list[int], float]]]:
+    """Keep the beam_size best prefixes per sentence; finished hypotheses are ranked by log P / lp.
+
+    Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
+    Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
+    """
+    B, K = src.size(0), beam_size
+    memory = model.encode(src, src_pad_mask).repeat_interleave(K, dim=0)  # (B*K, S, D)
+    pad_mask = src_pad_mask.repeat_interleave(K, dim=0)  # (B*K, S)
+    cache = [{} for _ in model.decoder_layers]
+    tokens = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=src.device)
+    scores = torch.zeros(B, K, device=src.device)
+    scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    max_len = max_output_len(src_pad_mask, model, max_len_a, max_len_b)
+    for step in range(max_len + 1):  # max_len tokens, then eos
+        log_probs = model.project(model.decode_step(tokens[:, -1:], memory, pad_mask, cache)).float()
+        log_probs = log_probs.log_softmax(-1)  # (B*K, V)
+        V = log_probs.size(-1)
+        if step == max_len:  # out of room: every beam must end now
+            log_probs[:, :EOS_ID].fill_(float("-inf"))
+            log_probs[:, EOS_ID + 1:].fill_(float("-inf"))
+        candidates = (scores.view(B * K, 1) + log_probs).view(B, K * V)
+        top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
+        beam, token = top_ids // V, top_ids % V
+        collect_finished(finished, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
+        if all(len(f) >= K for f in finished):
+            break
+        alive_scores = top_scores.masked_fill(token.eq(EOS_ID), float("-inf"))
+        scores, pick = alive_scores.topk(K, dim=1)  # (B, K)
+        order = (beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * K).view(-1)  # (B*K,)
+        reorder_cache(cache, order)
+        tokens = torch.cat([tokens[order], token.gather(1, pick).view(-1, 1)], dim=1)  # (B*K, step + 2)
+    return [[(hyp, score) for score, hyp in sorted(f, key=lambda x: -x[0])[:nbest]] for f in finished]
+
+
+def collect_finished(finished, top_scores, beam, token, prefixes, K: int, alpha: float, length: int) -> None:
+    """Move candidates that end in eos among a sentence's top K into its finished list."""
+    ends = token[:, :K].eq(EOS_ID) & top_scores[:, :K].isfinite()  # (B, K)
+    for b, k in ends.nonzero().tolist():
+        if len(finished[b]) < K:
+            hyp = prefixes[b, beam[b, k], 1:].tolist()
+            finished[b].append((float(top_scores[b, k]) / length_penalty(length, alpha), hyp))

@@ -2,7 +2,7 @@
 import json
 import logging
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
@@ -44,7 +44,8 @@ def train(cfg: DictConfig) -> float:
     model = Transformer(build_config(ModelConfig, cfg.model, "model",
                                      vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
     data_info = {"src_lang": data_cfg.src_lang, "tgt_lang": data_cfg.tgt_lang, "normalize": data_cfg.normalize,
-                 "bleu_tokenize": bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized)}
+                 "bleu_tokenize": bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized),
+                 "data_config": asdict(data_cfg)}
     module = TranslationModule(model, tokenizer, build_config(OptimConfig, cfg.optim, "optim"), data_info)
 
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",

@@ -9,6 +9,9 @@ from seq2seq.corpora import DataConfig, load_demo
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import train_tokenizer
 
+import subprocess
+import sys
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +52,18 @@ def tiny_model(tokenizer) -> Transformer:
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, d_model=32, n_heads=2, d_ff=64,
                       n_enc_layers=1, n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=64)
     return Transformer(cfg).eval()
+
+
+def run_py(*args, timeout=900, **kw):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_dir) -> Path:
+    """One short `run.py train experiment=smoke` shared by the tests that need a trained checkpoint."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_py("train", "experiment=smoke", "trainer.max_steps=150", "trainer.val_check_interval=75",
+                  "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -1,7 +1,6 @@
 """Training end to end: the loss falls, `run.py train` writes checkpoints and results, multirun works."""
 import json
-import subprocess
-import sys
+import shutil
 
 import lightning as L
 import pytest
@@ -12,12 +11,7 @@ from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
-from tests.conftest import ROOT
-
-
-def run_py(*args, timeout=600):
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+from tests.conftest import run_py
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -33,7 +27,7 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     losses = []
     for _ in range(30):
         loss, _ = module.loss(batch, 0.0)
-        losses.append(float(loss))
+        losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -45,18 +39,15 @@ def test_unknown_command_lists_commands_and_exits_2():
     assert proc.returncode == 2 and "usage: python run.py {train" in proc.stderr
 
 
-def test_train_smoke_end_to_end_writes_checkpoints_and_results(tmp_path, data_dir):
-    out = tmp_path / "run"
-    proc = run_py("train", "experiment=smoke", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                  "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
+    out = smoke_run
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     results = json.loads((out / "results.json").read_text())
     for key in ("test/bleu", "test/chrf", "test/bleu_signature", "val/bleu", "n_params", "train_time_s",
                 "train_tokens_per_s"):
         assert results[key] is not None, key
     assert "tok:ja-mecab" in results["test/bleu_signature"]
-    assert results["global_step"] == 40 and results["train_tokens_per_s"] > 0
+    assert results["global_step"] == 150 and results["train_tokens_per_s"] > 0
     assert list((out / "csv").rglob("metrics.csv")) and list((out / "tensorboard").rglob("events.*"))
     assert len((out / "test.hyp.ja").read_text().splitlines()) == 200
     # the checkpoint is self-contained and loads with weights_only=True
@@ -64,12 +55,16 @@ def test_train_smoke_end_to_end_writes_checkpoints_and_results(tmp_path, data_di
     assert isinstance(checkpoint["seq2seq"]["spm_model"], bytes)
     model, tokenizer, info = load_model(out / "checkpoints" / "best.ckpt")
     assert info["tgt_lang"] == "ja" and model.cfg.vocab_size == tokenizer.vocab_size
-    # resuming from last.ckpt continues the step count
-    proc = run_py("train", "experiment=smoke", "trainer.max_steps=60", "trainer.val_check_interval=20",
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path, data_dir):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    proc = run_py("train", "experiment=smoke", "trainer.max_steps=170", "trainer.val_check_interval=75",
                   "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}",
                   f"ckpt_path={out}/checkpoints/last.ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["global_step"] == 60
+    assert json.loads((out / "results.json").read_text())["global_step"] == 170
 
 
 def test_multirun_of_two_smoke_runs(tmp_path, data_dir):

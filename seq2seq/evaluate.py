@@ -1,0 +1,38 @@
+"""`run.py evaluate`: translate a test set with beam search and score it with sacrebleu BLEU and chrF."""
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from seq2seq import Seq2SeqError
+from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
+from seq2seq.metrics import corpus_scores
+from seq2seq.translate import Translator, write_output
+
+
+def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
+    """(sources, references): the given files, or the checkpoint's own corpus's test split."""
+    if (cfg.src is None) != (cfg.ref is None):
+        raise Seq2SeqError("give both src=FILE and ref=FILE, or neither (the training corpus's test split)")
+    if cfg.src is not None:
+        src, ref = read_parallel(cfg.src, cfg.ref)
+        return src, [clean_line(r, info["normalize"]) for r in ref]  # references cleaned as in validation
+    data_cfg = DataConfig(**info["data_config"])
+    return clean_corpus({"test": load_corpus(data_cfg)["test"]}, data_cfg.normalize)["test"]
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
+    src, refs = test_set(cfg, translator.info)
+    hyps = [h[0][0] for h in translator.translate(src, cfg.beam_size, cfg.alpha, max_tokens=cfg.max_tokens,
+                                                  progress=cfg.progress)]
+    scores = corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
+    hyp_path = Path(cfg.output or f"{cfg.ckpt}.test.hyp.{translator.info['tgt_lang']}")
+    write_output(str(hyp_path), "".join(h + "\n" for h in hyps))
+    report = {"bleu": scores["bleu"], "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
+              "chrf_signature": scores["chrf_signature"], "sentences": len(src), "beam_size": cfg.beam_size,
+              "checkpoint": str(cfg.ckpt), "hypotheses": str(hyp_path)}
+    write_output(str(hyp_path) + ".json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({len(src)} sentences, beam {cfg.beam_size})")
+    print(scores["bleu_signature"])
+    return report

@@ -1,0 +1,121 @@
+"""`run.py translate`: batch translation of a file or stdin with beam search, one output line per input line."""
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from seq2seq import Seq2SeqError
+from seq2seq.checkpoint import load_model
+from seq2seq.corpora import clean_line
+from seq2seq.data import LengthOrderSampler, TokenBatchSampler
+from seq2seq.search import beam_search
+from seq2seq.tokenizer import EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+
+class Translator:
+    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`."""
+
+    def __init__(self, model, tokenizer, info: dict, precision: str = "bf16"):
+        self.model, self.tokenizer, self.info = model.eval(), tokenizer, info
+        self.bf16 = precision == "bf16"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, precision: str = "bf16") -> "Translator":
+        return cls(*load_model(path), precision=precision)
+
+    def encode(self, lines: list[str]) -> list[list[int]]:
+        """Clean as training did, encode, and cut lines the model cannot take (with a warning naming them)."""
+        ids = self.tokenizer.encode([clean_line(line, self.info["normalize"]) for line in lines])
+        limit = self.model.cfg.max_len - 1  # room for eos
+        for lineno, seq in enumerate(ids, 1):
+            if len(seq) > limit:
+                print(f"warning: line {lineno}: {len(seq)} tokens, truncated to {limit}", file=sys.stderr)
+        return [seq[:limit] for seq in ids]
+
+    def translate(self, lines: list[str], beam_size: int = 5, alpha: float = 0.6, nbest: int = 1,
+                  max_tokens: int = 4096, max_len_a: float = 1.5, max_len_b: int = 10,
+                  progress: bool = False) -> list[list[tuple[str, float]]]:
+        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)]."""
+        ids = self.encode(lines)
+        sizes = np.array([len(s) + 1 for s in ids])
+        out: list = [[("", 0.0)] for _ in lines]
+        todo = [i for i, s in enumerate(ids) if s]
+        batches = TokenBatchSampler(LengthOrderSampler(sizes[todo], shuffle=False, seed=0),
+                                    max(max_tokens, int(sizes.max(initial=1))))
+        bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, unit="line")
+        for batch in batches:
+            rows = [todo[i] for i in batch]
+            src = pad_batch([ids[r] for r in rows])
+            with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext():
+                hyps = beam_search(self.model, src, self.model.pad_mask(src), beam_size, alpha, nbest,
+                                   max_len_a, max_len_b)
+            for r, sentence_hyps in zip(rows, hyps):
+                texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
+                out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+
+def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
+    """Source ids + eos, padded: (B, S)."""
+    src = torch.full((len(seqs), max(len(s) for s in seqs) + 1), PAD_ID, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        src[b, :len(s) + 1] = torch.tensor(s + [EOS_ID])
+    return src
+
+
+def read_input(path: str, errors: str) -> list[str]:
+    """Lines split on \\n only (so every other control character stays inside its line)."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise Seq2SeqError(f"{name}: cannot read ({e.strerror or e})") from None
+    raw = data.split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for lineno, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8", errors=errors).removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}); "
+                               "pass errors=replace to translate it anyway") from None
+    return lines
+
+
+def write_output(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Seq2SeqError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def translate(cfg: DictConfig) -> None:
+    if cfg.errors not in ("strict", "replace"):
+        raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
+    lines = read_input(str(cfg.input), cfg.errors)
+    translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
+    results = translator.translate(lines, cfg.beam_size, cfg.alpha, cfg.nbest, cfg.max_tokens, cfg.max_len_a,
+                                   cfg.max_len_b, progress=cfg.progress)
+    if cfg.nbest > 1:
+        text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
+    else:
+        text = "".join(hyps[0][0] + "\n" for hyps in results)
+    write_output(str(cfg.output), text)

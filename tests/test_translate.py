@@ -1,0 +1,73 @@
+"""`run.py translate` and `run.py evaluate`: N lines in, N lines out, in order, whatever the input."""
+import json
+
+import pytest
+
+from seq2seq.translate import Translator
+from tests.conftest import run_py
+
+LINES = ["The big dog ate the red apple.", "", "   ", "Does the cat read the book?",
+         "The big dog ate the red apple.", "Yesterday, the teacher did not wash the car.", "\t"]
+
+
+@pytest.fixture(scope="module")
+def translator(smoke_run):
+    return Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt")
+
+
+def test_translate_keeps_line_count_and_order(translator):
+    out = translator.translate(LINES, beam_size=3)
+    assert len(out) == len(LINES)
+    assert [hyps[0][0] for hyps in out][1:3] == ["", ""] and out[6][0][0] == ""
+    assert out[0][0][0] and out[0][0][0] == out[4][0][0]  # the same line, wherever it is, same translation
+    alone = [translator.translate([line], beam_size=3)[0][0][0] for line in LINES]
+    assert [hyps[0][0] for hyps in out] == alone
+
+
+def test_cli_stdin_to_stdout(smoke_run):
+    text = "\n".join(LINES) + "\n"
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", "beam_size=2", input=text)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split("\n")) - 1 == len(LINES)
+
+
+def test_cli_files_nbest_and_long_lines(smoke_run, tmp_path):
+    (tmp_path / "in.en").write_text("The cat eats the fish.\n" + "the big dog " * 400 + "\n")
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/in.en",
+                  f"output={tmp_path}/out.ja", "nbest=3", "beam_size=3", "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: line 2:" in proc.stderr and "truncated" in proc.stderr
+    rows = [line.split(" ||| ") for line in (tmp_path / "out.ja").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["1", "1", "1", "2", "2", "2"]
+    scores = [float(r[2]) for r in rows[:3]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_cli_invalid_utf8_names_the_line_or_is_replaced(smoke_run, tmp_path):
+    (tmp_path / "bad.en").write_bytes(b"The cat.\nbad \xff\xfe line\nThe dog.\n")
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/bad.en")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/bad.en:2: invalid UTF-8")
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/bad.en",
+                  "errors=replace")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+    proc = run_py("translate", f"ckpt={tmp_path}/nope.ckpt", input="x\n")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path}/nope.ckpt: checkpoint not found"
+
+
+def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    (tmp_path / "s.en").write_text("The cat eats the fish.\nThe dog reads the book.\n")
+    (tmp_path / "r.ja").write_text("猫は魚を食べます。\n犬は本を読みます。\n")
+    proc = run_py("evaluate", f"ckpt={ckpt}", f"src={tmp_path}/s.en", f"ref={tmp_path}/r.ja",
+                  f"output={tmp_path}/hyp.ja", "beam_size=2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "hyp.ja.json").read_text())
+    assert report["sentences"] == 2 and "tok:ja-mecab" in report["bleu_signature"]
+    assert f"BLEU {report['bleu']:.2f}" in proc.stdout
+    proc = run_py("evaluate", f"ckpt={ckpt}", "beam_size=2", f"output={tmp_path}/test.ja")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "test.ja.json").read_text())["sentences"] == 200
