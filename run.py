@@ -28,7 +28,13 @@ def evaluate(cfg):
     return evaluate(cfg)
 
 
-COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate}
+def average(cfg):
+    from seq2seq.checkpoint import average_checkpoints
+
+    average_checkpoints(list(cfg.ckpts), cfg.output)
+
+
+COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average}
 
 
 def one_line_errors(task):

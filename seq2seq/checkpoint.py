@@ -1,4 +1,5 @@
 """Loads the self-contained checkpoints that training writes: weights, model config, SentencePiece model."""
+import os
 from pathlib import Path
 
 import torch
@@ -34,3 +35,33 @@ def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, dict]:
     except RuntimeError as e:
         raise Seq2SeqError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
     return model.eval(), Tokenizer(meta["spm_model"]), meta["data"]
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically: a temporary file, fsync, rename; a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Seq2SeqError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def average_checkpoints(paths: list[str], output: str | Path) -> None:
+    """Average the weights of checkpoints of one model (e.g. the last few) into a self-contained one."""
+    if not paths:
+        raise Seq2SeqError("ckpts is empty: give a list, ckpts='[a.ckpt,b.ckpt]'")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    first = checkpoints[0]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+        if checkpoint["seq2seq"]["model_config"] != first["seq2seq"]["model_config"]:
+            raise Seq2SeqError(f"{path}: a different model config than {paths[0]}; only one model's checkpoints average")
+    state = {name: sum(c["state_dict"][name].double() for c in checkpoints).div(len(checkpoints)).to(tensor.dtype)
+             if tensor.is_floating_point() else tensor for name, tensor in first["state_dict"].items()}
+    save_checkpoint({"state_dict": state, "seq2seq": first["seq2seq"], "averaged_from": [str(p) for p in paths]},
+                    output)

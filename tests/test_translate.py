@@ -2,7 +2,9 @@
 import json
 
 import pytest
+import torch
 
+from seq2seq.checkpoint import load_checkpoint
 from seq2seq.translate import Translator
 from tests.conftest import run_py
 
@@ -71,3 +73,15 @@ def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
     proc = run_py("evaluate", f"ckpt={ckpt}", "beam_size=2", f"output={tmp_path}/test.ja")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "test.ja.json").read_text())["sentences"] == 200
+
+
+def test_average_checkpoints(smoke_run, tmp_path):
+    best, last = smoke_run / "checkpoints" / "best.ckpt", smoke_run / "checkpoints" / "last.ckpt"
+    proc = run_py("average", f"ckpts=[{best},{last}]", f"output={tmp_path}/avg.ckpt")
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_checkpoint(best)["state_dict"], load_checkpoint(last)["state_dict"]
+    avg = load_checkpoint(tmp_path / "avg.ckpt")["state_dict"]
+    name = "model.embed.weight"
+    torch.testing.assert_close(avg[name], (a[name] + b[name]) / 2)
+    out = Translator.from_checkpoint(tmp_path / "avg.ckpt").translate(["The cat eats the fish."], beam_size=2)
+    assert len(out) == 1 and out[0][0][0]
