@@ -50,9 +50,11 @@ def reorder_cache(cache: list[dict], order: torch.Tensor) -> None:
 
 @torch.no_grad()
 def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, beam_size: int = 5,
-                alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.5,
-                max_len_b: int = 10) -> list[list[tuple[list[int], float]]]:
+                alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
+                min_len: int = 0) -> list[list[tuple[list[int], float]]]:
     """Keep the beam_size best prefixes per sentence; finished hypotheses are ranked by log P / lp.
+
+    Outputs have at least `min_len` and at most `max_len_a * S + max_len_b` tokens before eos.
 
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
@@ -70,6 +72,8 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         log_probs = model.project(model.decode_step(tokens[:, -1:], memory, pad_mask, cache)).float()
         log_probs = log_probs.log_softmax(-1)  # (B*K, V)
         V = log_probs.size(-1)
+        if step < min_len:
+            log_probs[:, EOS_ID] = float("-inf")
         if step == max_len:  # out of room: every beam must end now
             log_probs[:, :EOS_ID].fill_(float("-inf"))
             log_probs[:, EOS_ID + 1:].fill_(float("-inf"))

@@ -40,7 +40,7 @@ class Translator:
         return [seq[:limit] for seq in ids]
 
     def translate(self, lines: list[str], beam_size: int = 5, alpha: float = 0.6, nbest: int = 1,
-                  max_tokens: int = 4096, max_len_a: float = 1.5, max_len_b: int = 10,
+                  max_tokens: int = 4096, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
                   progress: bool = False) -> list[list[tuple[str, float]]]:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)]."""
         ids = self.encode(lines)
@@ -55,7 +55,7 @@ class Translator:
             src = pad_batch([ids[r] for r in rows])
             with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext():
                 hyps = beam_search(self.model, src, self.model.pad_mask(src), beam_size, alpha, nbest,
-                                   max_len_a, max_len_b)
+                                   max_len_a, max_len_b, min_len)
             for r, sentence_hyps in zip(rows, hyps):
                 texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                 out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]

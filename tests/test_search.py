@@ -111,3 +111,10 @@ def test_batched_beam_search_equals_one_sentence_at_a_time(tiny_model):
         assert [h for h, _ in single[0]] == [h for h, _ in batched[b]]
         for (_, s1), (_, s2) in zip(single[0], batched[b]):
             assert abs(s1 - s2) < 1e-4
+
+
+def test_min_len_and_max_len_bound_the_output(tiny_model):
+    src, _ = batch(tiny_model.cfg.vocab_size)
+    pad = tiny_model.pad_mask(src)
+    out = beam_search(tiny_model, src, pad, beam_size=3, max_len_a=0, max_len_b=5, min_len=5)
+    assert all(len(h) == 5 for hyps in out for h, _ in hyps)

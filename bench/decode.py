@@ -1,0 +1,124 @@
+"""Decoding speed: seq2seq's batched beam search against Hugging Face MarianMTModel.generate.
+
+Each system runs in its own process (so peak RSS is its own) on the small_parallel_enja test set
+(500 sentences). Our model is the trained checkpoint; Marian has the same shape but random weights,
+so only the *forced-length* rows (every system emits exactly --forced-len tokens per sentence)
+compare decoders fairly; the natural-length rows show our real speed on real translations.
+
+    python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url ../shared/data/small_parallel_enja]
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+CASES = [("greedy", 1), ("beam5", 5)]
+
+
+def test_lines(data_url: str) -> list[str]:
+    return Path(data_url, "test.en").read_text(encoding="utf-8").splitlines()
+
+
+def run_ours(args, lines) -> list[dict]:
+    from seq2seq.translate import Translator
+
+    rows = []
+    for precision in ("bf16", "32"):
+        translator = Translator.from_checkpoint(args.ckpt, precision=precision)
+        translator.translate(lines[:32], beam_size=2)  # warm-up
+        for name, beam in CASES:
+            for max_tokens in args.budgets:
+                start = time.perf_counter()
+                out = translator.translate(lines, beam_size=beam, max_tokens=max_tokens)
+                seconds = time.perf_counter() - start
+                n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode([h[0][0] for h in out]))
+                rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
+                                 seconds=seconds, sentences=len(lines), tokens=n_tok))
+            L = args.forced_len
+            start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
+            translator.translate(lines, beam_size=beam, max_tokens=args.budgets[-1], max_len_a=0,
+                                 max_len_b=L - 1, min_len=L - 1)
+            rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{args.budgets[-1]} tok",
+                             seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+    return rows
+
+
+def run_marian(args, lines) -> list[dict]:
+    from transformers import MarianConfig, MarianMTModel
+
+    from seq2seq.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(args.ckpt)
+    m = model.cfg
+    config = MarianConfig(
+        vocab_size=m.vocab_size, decoder_vocab_size=m.vocab_size, d_model=m.d_model, encoder_layers=m.n_enc_layers,
+        decoder_layers=m.n_dec_layers, encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
+        encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, activation_function="relu", max_position_embeddings=m.max_len,
+        pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, decoder_start_token_id=tokenizer.bos_id,
+        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+    marian = MarianMTModel(config).eval()
+    ids = [seq + [tokenizer.eos_id] for seq in tokenizer.encode(lines)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # the same length-sorting advantage as ours
+    rows = []
+    for precision in ("bf16", "32"):
+        for name, beam in CASES:
+            L = args.forced_len
+            start = time.perf_counter()
+            for b in range(0, len(order), args.marian_batch):
+                batch = [ids[i] for i in order[b:b + args.marian_batch]]
+                src = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id)
+                for r, seq in enumerate(batch):
+                    src[r, :len(seq)] = torch.tensor(seq)
+                with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                                       else nullcontext()):
+                    marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), num_beams=beam,
+                                    do_sample=False, min_new_tokens=L, max_new_tokens=L)
+            rows.append(dict(system=f"Marian {precision}", case=f"{name} forced {L}", batch=f"{args.marian_batch} sent",
+                             seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data-url", default="../shared/data/small_parallel_enja")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096], help="our batch budgets (tokens)")
+    parser.add_argument("--marian-batch", type=int, default=64, help="sentences per generate() call")
+    parser.add_argument("--forced-len", type=int, default=20)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test sentences")
+    parser.add_argument("--child", choices=["seq2seq", "marian"])
+    args = parser.parse_args()
+    lines = test_lines(args.data_url)[:args.limit]
+    if args.child:
+        rows = run_ours(args, lines) if args.child == "seq2seq" else run_marian(args, lines)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps([dict(r, peak_rss_mb=rss) for r in rows]))
+        return
+    rows = []
+    for child in ("seq2seq", "marian"):
+        proc = subprocess.run([sys.executable, __file__, "--child", child, *sys.argv[1:]], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            sys.exit(f"{child} failed:\n{proc.stderr[-2000:]}")
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{len(lines)} sentences, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"{'system':<14} {'case':<18} {'batch':<10} {'sent/s':>8} {'tok/s':>8} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['system']:<14} {r['case']:<18} {r['batch']:<10} {r['sentences'] / r['seconds']:>8.1f} "
+              f"{r['tokens'] / r['seconds']:>8.0f} {r['peak_rss_mb']:>12.0f}")
+    print()
+    for name, _ in CASES:
+        case = f"{name} forced {args.forced_len}"
+        best = {sys_: max(r["sentences"] / r["seconds"] for r in rows if r["case"] == case and r["system"].startswith(sys_))
+                for sys_ in ("seq2seq", "Marian")}
+        print(f"{case}: best seq2seq / best Marian = {best['seq2seq'] / best['Marian']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
