@@ -34,7 +34,13 @@ def average(cfg):
     average_checkpoints(list(cfg.ckpts), cfg.output)
 
 
-COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average}
+def visualize(cfg):
+    from seq2seq.visualize import visualize
+
+    visualize(cfg)
+
+
+COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize}
 
 
 def one_line_errors(task):
@@ -49,12 +55,24 @@ def one_line_errors(task):
     return wrapped
 
 
+FREE_TEXT_KEYS = ("text=", "target=")  # sentences: commas and quotes are text, not Hydra override syntax
+
+
+def quote_free_text(arg: str) -> str:
+    """`text=Hello, world.` -> `text='Hello, world.'` so Hydra takes the sentence as one string."""
+    if not arg.startswith(FREE_TEXT_KEYS):
+        return arg
+    key, value = arg.split("=", 1)
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         given = f"unknown command {sys.argv[1]!r}. " if len(sys.argv) > 1 else ""
         print(f"{given}usage: python run.py {{{'|'.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
+    sys.argv = [quote_free_text(arg) for arg in sys.argv]
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
 
 
