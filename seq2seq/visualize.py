@@ -88,7 +88,8 @@ def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: st
                 image[torch.ones_like(image, dtype=torch.bool).triu(1)] = float("nan")
             cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white")
             ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(f"layer {layer + 1} head {head + 1}", fontsize=8)
+            if L * H > 1:
+                ax.set_title(f"layer {layer + 1} head {head + 1}", fontsize=8)
             ax.set_xticks(range(len(cols)), [c.replace("▁", "_") for c in cols], rotation=90, fontsize=6)
             ax.set_yticks(range(len(rows)), [r.replace("▁", "_") for r in rows], fontsize=6)
     fig.suptitle(title)
