@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from seq2seq import Seq2SeqError
 from seq2seq.model import ModelConfig, Transformer
@@ -42,6 +43,7 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -50,6 +52,13 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise Seq2SeqError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but never leaving a torn file (see `save_checkpoint`)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        save_checkpoint(checkpoint, path)
 
 
 def average_checkpoints(paths: list[str], output: str | Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import lightning as L
 import torch
 
+from seq2seq import Seq2SeqError
 from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
@@ -55,6 +56,9 @@ class TranslationModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self.loss(batch, self.optim.label_smoothing)
+        if not torch.isfinite(loss):  # stop before the optimizer step spreads it into the weights
+            raise Seq2SeqError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopped. "
+                               "Checkpoints written so far are intact; lower optim.lr or check the data")
         self.log("train/loss", loss, prog_bar=True, batch_size=n_tokens)
         return loss
 

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
+from seq2seq.checkpoint import AtomicCheckpointIO, load_checkpoint
 from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
 from seq2seq.lit_module import MONITOR, OptimConfig, TokenThroughput, TranslationModule
@@ -58,14 +59,28 @@ def train(cfg: DictConfig) -> float:
         callbacks.append(LearningRateMonitor("step"))
     else:
         trainer_cfg["logger"] = False
-    trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks)
+    trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
     log.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out))
     train_time = time.perf_counter() - start
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
     return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
+
+
+def resume_path(ckpt_path: str | None, out: Path) -> str | None:
+    """`last` means this run directory's last.ckpt (none yet: start fresh); a path is checked before use."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            log.warning("ckpt_path=last: no %s yet, starting from scratch", last)
+            return None
+        ckpt_path = str(last)
+    load_checkpoint(ckpt_path)  # a torn or foreign file: one line naming it, before any work
+    return ckpt_path
 
 
 def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpoint,

@@ -1,0 +1,106 @@
+"""Torn, corrupt and malicious checkpoints; non-finite losses; fuzzed translation input."""
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seq2seq import Seq2SeqError
+from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+from seq2seq.lit_module import TranslationModule
+from seq2seq.train import train
+from seq2seq.translate import Translator
+from tests.conftest import compose_train, run_py
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "seq2seq": {}, "x": Payload(str(marker))}, f)
+    with pytest.raises(Seq2SeqError, match=r"evil\.ckpt: not a readable checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_one_line_everywhere(smoke_run, tmp_path, data_dir):
+    torn = tmp_path / "torn.ckpt"
+    data = (smoke_run / "checkpoints" / "best.ckpt").read_bytes()
+    torn.write_bytes(data[:len(data) // 2])
+    with pytest.raises(Seq2SeqError, match="torn.ckpt: not a readable checkpoint"):
+        load_checkpoint(torn)
+    proc = run_py("translate", f"ckpt={torn}", input="The cat.\n")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {torn}: not a readable checkpoint")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_py("train", "experiment=smoke", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path}/run",
+                  f"ckpt_path={torn}")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {torn}: not a readable")
+
+
+def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "c.ckpt"
+    save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(Seq2SeqError, match="c.ckpt: cannot write \\(No space left on device\\)"):
+        save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0]  # the old one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left behind
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path, data_dir, monkeypatch):
+    cfg = compose_train(["experiment=smoke", f"data_dir={data_dir}", f"output_dir={tmp_path}",
+                         "trainer.max_steps=60", "trainer.val_check_interval=20", "trainer.enable_progress_bar=false"])
+    real_loss = TranslationModule.loss
+
+    def poisoned(self, batch, label_smoothing):
+        loss, n = real_loss(self, batch, label_smoothing)
+        return (loss * float("nan") if self.training and self.global_step >= 30 else loss), n
+
+    monkeypatch.setattr(TranslationModule, "loss", poisoned)
+    with pytest.raises(Seq2SeqError, match="non-finite training loss \\(nan\\) at step 30"):
+        train(cfg)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 20
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@pytest.fixture(scope="module")
+def fuzz_translator(smoke_run):
+    return Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt")
+
+
+LINE = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet=st.sampled_from(list("\u200b\u200d\ufeff\x00\x07\x1b\t \u3000😀👍🏽漢字かなカナabc<>/")), max_size=40),
+    st.sampled_from(["", " ", "</s>", "<unk>", "<s>", "<pad>", "▁", "\u2028", "\x1c", "a" * 3000]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=12))
+def test_fuzzed_lines_in_equal_lines_out(fuzz_translator, lines):
+    lines = [line.replace("\n", " ") for line in lines]  # one line each, as read_input would split them
+    out = fuzz_translator.translate(lines, beam_size=2, max_len_b=5)
+    assert len(out) == len(lines)
+    for line, hyps in zip(lines, out):
+        assert len(hyps) == 1 and isinstance(hyps[0][0], str) and "\n" not in hyps[0][0]
+        if not line.split():
+            assert hyps[0][0] == ""
