@@ -69,17 +69,19 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     max_len = max_output_len(src_pad_mask, model, max_len_a, max_len_b)
     for step in range(max_len + 1):  # max_len tokens, then eos
-        log_probs = model.project(model.decode_step(tokens[:, -1:], memory, pad_mask, cache)).float()
-        log_probs = log_probs.log_softmax(-1)  # (B*K, V)
-        V = log_probs.size(-1)
+        logits = model.project(model.decode_step(tokens[:, -1:], memory, pad_mask, cache)).float()  # (B*K, V)
+        log_z = logits.logsumexp(dim=-1, keepdim=True)  # (B*K, 1): log P(v) = logit_v - log_z
         if step < min_len:
-            log_probs[:, EOS_ID] = float("-inf")
+            logits[:, EOS_ID] = float("-inf")
         if step == max_len:  # out of room: every beam must end now
-            log_probs[:, :EOS_ID].fill_(float("-inf"))
-            log_probs[:, EOS_ID + 1:].fill_(float("-inf"))
-        candidates = (scores.view(B * K, 1) + log_probs).view(B, K * V)
+            logits[:, :EOS_ID] = float("-inf")
+            logits[:, EOS_ID + 1:] = float("-inf")
+        # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
+        # those are scored: no (B*K, V) log-softmax or sum is ever built.
+        beam_logits, beam_tokens = logits.topk(2 * K, dim=-1)  # (B*K, 2K)
+        candidates = (scores.view(B * K, 1) + beam_logits - log_z).view(B, K * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
-        beam, token = top_ids // V, top_ids % V
+        beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
         collect_finished(finished, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
         if all(len(f) >= K for f in finished):
             break
