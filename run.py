@@ -1,5 +1,7 @@
 """Dispatcher: `python run.py <command> [hydra overrides]`, e.g. `python run.py train experiment=smoke`."""
 import functools
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,10 +45,24 @@ def visualize(cfg):
 COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize}
 
 
+def remember_job() -> None:
+    """Record this Hydra job's own overrides and directory for the DDP processes Lightning starts.
+
+    Lightning restarts the script with the original argv (lightning#11300): under multirun that
+    would be the whole sweep, in the wrong directory. The restarted ranks read this instead.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    os.environ["SEQ2SEQ_JOB"] = json.dumps({"overrides": list(job.overrides.task),
+                                            "output_dir": job.runtime.output_dir})
+
+
 def one_line_errors(task):
     """Show a Seq2SeqError (bad corpus, config, checkpoint, input) as one line and exit 1."""
     @functools.wraps(task)
     def wrapped(cfg):
+        remember_job()
         try:
             return task(cfg)
         except Seq2SeqError as e:
@@ -67,11 +83,18 @@ def quote_free_text(arg: str) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        command = sys.argv.pop(1)
+        # Lightning's DDP launcher restarts this script with sys.argv as Hydra left it (no command): tell it
+        os.environ["SEQ2SEQ_COMMAND"] = command
+    elif os.environ.get("SEQ2SEQ_COMMAND") in COMMANDS and os.environ.get("LOCAL_RANK") and "SEQ2SEQ_JOB" in os.environ:
+        command = os.environ["SEQ2SEQ_COMMAND"]  # a DDP rank > 0: rerun exactly the parent's job
+        job = json.loads(os.environ["SEQ2SEQ_JOB"])
+        sys.argv = [sys.argv[0], *job["overrides"], f"hydra.run.dir={job['output_dir']}", "hydra.output_subdir=null"]
+    else:
         given = f"unknown command {sys.argv[1]!r}. " if len(sys.argv) > 1 else ""
         print(f"{given}usage: python run.py {{{'|'.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
         sys.exit(2)
-    command = sys.argv.pop(1)
     sys.argv = [quote_free_text(arg) for arg in sys.argv]
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
 

@@ -1,11 +1,14 @@
 """`run.py train`: build tokenizer, data, model, module and Trainer from the config; fit; test; write results.json."""
 import json
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -34,8 +37,27 @@ def build_config(cls, cfg: DictConfig, group: str, **derived):
         raise Seq2SeqError(f"bad {group} config: {e}") from None
 
 
+@contextmanager
+def own_distributed_state():
+    """Leave no process group or rank variables behind, so that the next job of a multirun launches
+    its own DDP ranks instead of reusing dead ones (lightning#11300, lightning-hydra-template#393)."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 def train(cfg: DictConfig) -> float:
     """Train, keep the best checkpoint by dev BLEU, score it on the test split. Returns best val/bleu."""
+    with own_distributed_state():
+        return train_job(cfg)
+
+
+def train_job(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     data_cfg = build_config(DataConfig, cfg.data, "data")
@@ -66,6 +88,8 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out))
     train_time = time.perf_counter() - start
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
+    if not trainer.is_global_zero:  # under DDP every rank decodes the same dev/test sets; rank 0 reports
+        return float(checkpoint.best_model_score or float("nan"))
     return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
 
 

@@ -85,3 +85,28 @@ def test_smoke_run_learns_the_demo_task(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["test/bleu"] > 60, results
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
+    """trainer=ddp with gloo: Lightning restarts run.py for rank 1, which must find its command again."""
+    out = tmp_path / "run"
+    proc = run_py("train", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.precision=32", "trainer.max_steps=20", "trainer.val_check_interval=10",
+                  "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert json.loads((out / "results.json").read_text())["global_step"] == 20
+    assert output.count("[seq2seq.train][INFO] - results: {") == 1  # rank 0 alone reports
+
+
+def test_multirun_with_ddp(tmp_path, data_dir):
+    """Each sweep job's DDP ranks train that job, in its directory (not the whole sweep again)."""
+    proc = run_py("train", "-m", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  "trainer.precision=32", "trainer.max_steps=10", "trainer.val_check_interval=10",
+                  "trainer.enable_progress_bar=false", "model.d_model=32,64", f"data_dir={data_dir}",
+                  f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert results[0]["n_params"] < results[1]["n_params"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
