@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from seq2seq import Seq2SeqError
 
@@ -45,17 +47,33 @@ def visualize(cfg):
 COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize}
 
 
+def report(argv: list[str]) -> None:
+    from seq2seq.report import report
+
+    report(argv)
+
+
+PLAIN_COMMANDS = {"report": report}
+FAILED_JOBS: list[str] = []  # commands that take plain arguments instead of a Hydra config
+
+
 def remember_job() -> None:
     """Record this Hydra job's own overrides and directory for the DDP processes Lightning starts.
 
     Lightning restarts the script with the original argv (lightning#11300): under multirun that
     would be the whole sweep, in the wrong directory. The restarted ranks read this instead.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     job = HydraConfig.get()
     os.environ["SEQ2SEQ_JOB"] = json.dumps({"overrides": list(job.overrides.task),
                                             "output_dir": job.runtime.output_dir})
+
+
+def record_failure(message: str) -> None:
+    """Leave error.txt in the job's directory, so `run.py report` shows the run as failed."""
+    try:
+        Path(HydraConfig.get().runtime.output_dir, "error.txt").write_text(message + "\n")
+    except OSError:
+        pass
 
 
 def one_line_errors(task):
@@ -66,8 +84,15 @@ def one_line_errors(task):
         try:
             return task(cfg)
         except Seq2SeqError as e:
+            record_failure(str(e))
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                sys.exit(1)
+            FAILED_JOBS.append(str(e))  # let the sweep's other jobs run; exit 1 at the end
+            return float("nan")
+        except Exception as e:
+            record_failure(f"{type(e).__name__}: {e}")
+            raise
     return wrapped
 
 
@@ -83,6 +108,13 @@ def quote_free_text(arg: str) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in PLAIN_COMMANDS:
+        try:
+            PLAIN_COMMANDS[sys.argv[1]](sys.argv[2:])
+        except Seq2SeqError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         command = sys.argv.pop(1)
         # Lightning's DDP launcher restarts this script with sys.argv as Hydra left it (no command): tell it
@@ -93,10 +125,14 @@ def main() -> None:
         sys.argv = [sys.argv[0], *job["overrides"], f"hydra.run.dir={job['output_dir']}", "hydra.output_subdir=null"]
     else:
         given = f"unknown command {sys.argv[1]!r}. " if len(sys.argv) > 1 else ""
-        print(f"{given}usage: python run.py {{{'|'.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
+        print(f"{given}usage: python run.py {{{'|'.join(COMMANDS)}}} [key=value ...]\n"
+              f"       python run.py report SWEEP_DIR", file=sys.stderr)
         sys.exit(2)
     sys.argv = [quote_free_text(arg) for arg in sys.argv]
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (see their error.txt)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
-from tests.conftest import run_py
+from tests.conftest import ROOT, run_py
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -67,13 +67,36 @@ def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_pat
     assert json.loads((out / "results.json").read_text())["global_step"] == 170
 
 
-def test_multirun_of_two_smoke_runs(tmp_path, data_dir):
-    proc = run_py("train", "-m", "experiment=smoke", "model.d_model=32,64", "trainer.max_steps=10",
+def test_multirun_of_two_smoke_runs_and_its_report(tmp_path, data_dir):
+    proc = run_py("train", "-m", "experiment=smoke", "model.d_model=32,64", "trainer.max_steps=20",
                   "trainer.val_check_interval=10", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
                   f"hydra.sweep.dir={tmp_path}/sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert results[0]["n_params"] < results[1]["n_params"]
+    report = run_py("report", f"{tmp_path}/sweep")
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert lines[0] == ("| job | model.d_model | val/bleu | test/bleu | test/chrf | n_params | train_time_s "
+                        "| status |")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert sorted(r[1] for r in rows) == ["32", "64"] and all(r[-1] == "done |" for r in rows)
+    bleus = [float(r[2]) for r in rows]
+    assert bleus == sorted(bleus, reverse=True)
+    assert (tmp_path / "sweep" / "report.csv").exists() and (tmp_path / "sweep" / "learning_curves.png").exists()
+    assert (tmp_path / "sweep" / "bleu_vs_model.d_model.png").exists()
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others_and_shows_in_the_report(tmp_path, data_dir):
+    proc = run_py("train", "-m", "experiment=smoke", "model.n_heads=3,4", "trainer.max_steps=5",
+                  "trainer.val_check_interval=5", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
+                  f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 1
+    assert "error: bad model config: model.d_model=64 is not divisible by model.n_heads=3" in proc.stderr
+    assert (tmp_path / "sweep" / "1" / "results.json").exists()
+    report = run_py("report", f"{tmp_path}/sweep").stdout.splitlines()
+    assert report[2].startswith("| 1 | 4 |") and report[3].startswith("| 0 | 3 |")
+    assert "failed: bad model config" in report[3]
 
 
 @pytest.mark.slow
@@ -110,3 +133,14 @@ def test_multirun_with_ddp(tmp_path, data_dir):
     results = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert results[0]["n_params"] < results[1]["n_params"]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_every_experiment_preset_runs_one_step_under_multirun(tmp_path, data_dir):
+    from tests.test_corpora import write_small_enja_mirror
+
+    write_small_enja_mirror(tmp_path / "mirror")
+    proc = run_py("train", "-m", "experiment=glob(*)", "trainer=debug", "model=tiny", "data.vocab_size=400",
+                  f"++data.url={tmp_path}/mirror", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert len(list((tmp_path / "sweep").glob("*/results.json"))) == len(presets) >= 3
