@@ -144,3 +144,18 @@ def test_every_experiment_preset_runs_one_step_under_multirun(tmp_path, data_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
     assert len(list((tmp_path / "sweep").glob("*/results.json"))) == len(presets) >= 3
+
+
+def test_joblib_launcher_and_optuna_search(tmp_path, data_dir):
+    """The parallel local launcher and the Optuna search both drive `train` (pip install -e .[sweep])."""
+    common = ["experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10",
+              "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
+    proc = run_py("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.d_model=32,64", *common,
+                  f"hydra.sweep.dir={tmp_path}/joblib")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "joblib").glob("*/results.json"))) == 2
+    proc = run_py("train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *common,
+                  f"hydra.sweep.dir={tmp_path}/optuna")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "optuna").glob("*/results.json"))) == 2
+    assert "best_value" in (tmp_path / "optuna" / "optimization_results.yaml").read_text()
