@@ -100,6 +100,7 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sampler: LengthOrderSampler, max_tokens: int):
         self.sampler, self.max_tokens = sampler, max_tokens  # Lightning calls sampler.set_epoch
+        self.start = 0  # batches of this epoch to skip (a resumed run; see ResumableDataLoader)
         if len(sampler.sizes) and sampler.sizes.max() > max_tokens:
             raise Seq2SeqError(f"data.max_tokens={max_tokens} is smaller than one sentence "
                                f"({sampler.sizes.max()} tokens): raise data.max_tokens or lower data.max_len")
@@ -123,10 +124,38 @@ class TokenBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self):
-        return iter(self.batches())
+        return iter(self.batches()[self.start:])
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that can continue mid-epoch: Lightning stores `state_dict()` (the epoch and how many
+    of its batches were handed out) in each checkpoint and gives it back through `load_state_dict` on
+    resume; the token-budget batches are then dealt from that point of the same shuffled order.
+
+    Lightning fetches no batch ahead from a loader with a length, so batches handed out = batches trained.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.yielded, self.resume_at = 0, 0
+
+    def __iter__(self):
+        self.yielded, self.resume_at = self.resume_at, 0
+        self.batch_sampler.start = self.yielded
+        for batch in super().__iter__():
+            self.yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.sampler.epoch, "consumed": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning starts the resumed iterator before its set_epoch call, so the epoch comes from here
+        self.batch_sampler.sampler.set_epoch(state["epoch"])
+        self.resume_at = state["consumed"]
 
 
 def collate(samples, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
@@ -200,8 +229,9 @@ class TranslationDataModule(L.LightningDataModule):
     def dataloader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         sampler = TokenBatchSampler(LengthOrderSampler(dataset.sizes, shuffle, self.seed), self.cfg.max_tokens)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=PAD_ID),
-                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+        loader = ResumableDataLoader if shuffle else DataLoader
+        return loader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=PAD_ID),
+                      num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -111,6 +111,11 @@ class TranslationModule(L.LightningModule):
         checkpoint["seq2seq"] = {"model_config": asdict(self.model.cfg),
                                  "spm_model": self.tokenizer.model_proto,
                                  "data": dict(self.data_info)}
+        checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue as if never stopped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
 class TokenThroughput(L.Callback):

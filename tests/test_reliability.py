@@ -104,3 +104,73 @@ def test_fuzzed_lines_in_equal_lines_out(fuzz_translator, lines):
         assert len(hyps) == 1 and isinstance(hyps[0][0], str) and "\n" not in hyps[0][0]
         if not line.split():
             assert hyps[0][0] == ""
+
+
+def last_validation(run_dir) -> tuple[int, float]:
+    """(step, val/loss) of the last validation in the newest CSV log of a run."""
+    import csv
+
+    newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    rows = [r for r in csv.DictReader(open(newest / "metrics.csv")) if r.get("val/loss")]
+    return int(rows[-1]["step"]), float(rows[-1]["val/loss"])
+
+
+def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
+    """SIGKILL mid-epoch, rerun with ckpt_path=last: the run finishes at the same step, close to an
+    uninterrupted run. Not yet bit-exact (issue #6): the first step after resuming sees the same
+    weights, batch, optimizer state and RNG state, yet its loss differs by ~0.3% (final: ~1%); the tolerance
+    here (3%) catches a resume that restarts the schedule or loses the weights, not that."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    args = ["train", "experiment=smoke", "trainer.precision=32", "trainer.max_steps=75",
+            "trainer.val_check_interval=25", "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
+    straight = run_py(*args, f"hydra.run.dir={tmp_path}/a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/b"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # somewhere in the middle of the epoch after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(last)["global_step"]
+    assert 25 <= killed_at < 75
+
+    resumed = run_py(*args, f"hydra.run.dir={tmp_path}/b", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    step_a, loss_a = last_validation(tmp_path / "a")
+    step_b, loss_b = last_validation(tmp_path / "b")
+    assert step_a == step_b == 74
+    assert abs(loss_a - loss_b) < 0.03 * loss_a, (loss_a, loss_b, killed_at)
+
+
+def test_data_position_survives_a_restart(tiny_cfg):
+    """The batches after a restored loader state are the ones an uninterrupted epoch would deal."""
+    from seq2seq.corpora import DataConfig
+    from seq2seq.data import TranslationDataModule
+
+    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=3)
+    datamodule.setup()
+    straight = datamodule.train_dataloader()
+    straight.batch_sampler.sampler.set_epoch(2)
+    expected = [batch["ids"].tolist() for batch in straight]
+    first = datamodule.train_dataloader()
+    first.batch_sampler.sampler.set_epoch(2)
+    iterator = iter(first)
+    for _ in range(7):
+        next(iterator)
+    state = first.state_dict()
+    assert state == {"epoch": 2, "consumed": 7}
+    resumed = datamodule.train_dataloader()  # a new process: epoch not set yet, as in Lightning's restart
+    resumed.load_state_dict(state)
+    assert [batch["ids"].tolist() for batch in resumed] == expected[7:]
+    assert [batch["ids"].tolist() for batch in resumed] == expected  # the next epoch starts from the top
