@@ -79,7 +79,7 @@ def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: st
     matplotlib_fontja.japanize()
     L, H = weights.shape[:2]
     cell = 0.22 * max(len(rows), len(cols)) + 1
-    fig, axes = plt.subplots(L, H, figsize=(cell * H, cell * L), squeeze=False)
+    fig, axes = plt.subplots(L, H, figsize=(max(cell * H, 6), cell * L), squeeze=False)
     for layer in range(L):
         for head in range(H):
             ax = axes[layer][head]
@@ -92,7 +92,7 @@ def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: st
                 ax.set_title(f"layer {layer + 1} head {head + 1}", fontsize=8)
             ax.set_xticks(range(len(cols)), [c.replace("▁", "_") for c in cols], rotation=90, fontsize=6)
             ax.set_yticks(range(len(rows)), [r.replace("▁", "_") for r in rows], fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
