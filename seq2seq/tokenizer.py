@@ -33,8 +33,9 @@ class Tokenizer:
         """Ids to text; stops at the first eos and drops pad/bos, so raw search output can go in."""
         return self.sp.decode([_strip_special(seq) for seq in ids])
 
-    def pieces(self, line: str) -> list[str]:
-        return self.sp.encode(line, out_type=str)
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The SentencePiece pieces of `ids`, e.g. ['▁my', '▁father'] (▁ marks a word start)."""
+        return [self.sp.id_to_piece(i) for i in ids]
 
 
 def _strip_special(ids: list[int]) -> list[int]:

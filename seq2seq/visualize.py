@@ -63,9 +63,8 @@ def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int],
         model.decode(tgt_in, memory, src_pad_mask)
         decoder = torch.stack([layer.self_attn.weights[0] for layer in model.decoder_layers])  # (L, H, T, T)
         cross = torch.stack([layer.cross_attn.weights[0] for layer in model.decoder_layers])  # (L, H, T, S)
-    piece = tokenizer.sp.id_to_piece
-    return AttentionMaps([piece(i) for i in src_ids] + ["</s>"], ["<s>"] + [piece(i) for i in tgt_ids],
-                         [piece(i) for i in tgt_ids] + ["</s>"], encoder.float(), decoder.float(), cross.float())
+    src, tgt = tokenizer.pieces(src_ids), tokenizer.pieces(tgt_ids)
+    return AttentionMaps(src + ["</s>"], ["<s>"] + tgt, tgt + ["</s>"], encoder.float(), decoder.float(), cross.float())
 
 
 def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path,
