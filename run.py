@@ -53,8 +53,8 @@ def report(argv: list[str]) -> None:
     report(argv)
 
 
-PLAIN_COMMANDS = {"report": report}
-FAILED_JOBS: list[str] = []  # commands that take plain arguments instead of a Hydra config
+PLAIN_COMMANDS = {"report": report}  # commands that take plain arguments instead of a Hydra config
+FAILED_JOBS: list[str] = []  # one message per failed job of a multirun sweep
 
 
 def remember_job() -> None:
@@ -69,9 +69,12 @@ def remember_job() -> None:
 
 
 def record_failure(message: str) -> None:
-    """Leave error.txt in the job's directory, so `run.py report` shows the run as failed."""
+    """Leave error.txt in the job's own directory, so `run.py report` shows the run as failed."""
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    if job_dir.resolve() == Path.cwd().resolve():  # translate/evaluate/...: no run directory of their own
+        return
     try:
-        Path(HydraConfig.get().runtime.output_dir, "error.txt").write_text(message + "\n")
+        (job_dir / "error.txt").write_text(message + "\n")
     except OSError:
         pass
 

@@ -50,6 +50,8 @@ def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
     assert results["global_step"] == 150 and results["train_tokens_per_s"] > 0
     assert list((out / "csv").rglob("metrics.csv")) and list((out / "tensorboard").rglob("events.*"))
     assert len((out / "test.hyp.ja").read_text().splitlines()) == 200
+    # keep_last: the weights of each validation (steps 75 and 150), for averaging
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt")) == ["step000075.ckpt", "step000150.ckpt"]
     # the checkpoint is self-contained and loads with weights_only=True
     checkpoint = load_checkpoint(out / "checkpoints" / "best.ckpt")
     assert isinstance(checkpoint["seq2seq"]["spm_model"], bytes)

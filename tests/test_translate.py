@@ -1,12 +1,14 @@
 """`run.py translate` and `run.py evaluate`: N lines in, N lines out, in order, whatever the input."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from seq2seq.checkpoint import load_checkpoint
 from seq2seq.translate import Translator
-from tests.conftest import run_py
+from tests.conftest import ROOT, run_py
 
 LINES = ["The big dog ate the red apple.", "", "   ", "Does the cat read the book?",
          "The big dog ate the red apple.", "Yesterday, the teacher did not wash the car.", "\t"]
@@ -56,8 +58,10 @@ def test_cli_invalid_utf8_names_the_line_or_is_replaced(smoke_run, tmp_path):
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
-    proc = run_py("translate", f"ckpt={tmp_path}/nope.ckpt", input="x\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "translate", f"ckpt={tmp_path}/nope.ckpt"],
+                          cwd=tmp_path, input="x\n", capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path}/nope.ckpt: checkpoint not found"
+    assert list(tmp_path.iterdir()) == []  # nothing left behind in the working directory
 
 
 def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
@@ -76,7 +80,7 @@ def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
 
 
 def test_average_checkpoints(smoke_run, tmp_path):
-    best, last = smoke_run / "checkpoints" / "best.ckpt", smoke_run / "checkpoints" / "last.ckpt"
+    best, last = smoke_run / "checkpoints" / "step000075.ckpt", smoke_run / "checkpoints" / "step000150.ckpt"
     proc = run_py("average", f"ckpts=[{best},{last}]", f"output={tmp_path}/avg.ckpt")
     assert proc.returncode == 0, proc.stderr
     a, b = load_checkpoint(best)["state_dict"], load_checkpoint(last)["state_dict"]
