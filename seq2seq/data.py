@@ -230,8 +230,11 @@ class TranslationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         sampler = TokenBatchSampler(LengthOrderSampler(dataset.sizes, shuffle, self.seed), self.cfg.max_tokens)
         loader = ResumableDataLoader if shuffle else DataLoader
+        # its own generator: starting an iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run (which starts one more iterator) would see other dropout masks than an unbroken one
         return loader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=PAD_ID),
-                      num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+                      num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
+                      generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)
