@@ -7,7 +7,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
+from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq import Seq2SeqError
 
@@ -86,7 +88,8 @@ def one_line_errors(task):
         remember_job()
         try:
             return task(cfg)
-        except Seq2SeqError as e:
+        except (Seq2SeqError, OSError, OmegaConfBaseException) as e:  # OSError: a full disk (names the file)
+            e = one_line(e) if isinstance(e, OmegaConfBaseException) else e  # e.g. a missing mandatory value
             record_failure(str(e))
             print(f"error: {e}", file=sys.stderr)
             if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -108,6 +111,14 @@ def quote_free_text(arg: str) -> str:
         return arg
     key, value = arg.split("=", 1)
     return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def one_line(e: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages (with their cause) as one line."""
+    messages = [str(e)] + ([str(e.__cause__)] if e.__cause__ and str(e.__cause__) not in str(e) else [])
+    details = ("full_key:", "object_type=", "reference_type=", "Config search path:", "provider=")
+    return " ".join(line.strip() for message in messages for line in message.splitlines()
+                    if line.strip() and not line.strip().startswith(details))
 
 
 def main() -> None:
@@ -132,7 +143,15 @@ def main() -> None:
               f"       python run.py report SWEEP_DIR", file=sys.stderr)
         sys.exit(2)
     sys.argv = [quote_free_text(arg) for arg in sys.argv]
-    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them over lines
+    try:
+        hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()
+    except (HydraException, OmegaConfBaseException) as e:  # a misspelled key, a bad override, a missing value
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # Hydra could not create the run directory or write its config there
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if FAILED_JOBS:
         print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (see their error.txt)", file=sys.stderr)
         sys.exit(1)

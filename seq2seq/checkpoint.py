@@ -1,11 +1,10 @@
 """Loads the self-contained checkpoints that training writes: weights, model config, SentencePiece model."""
-import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from seq2seq import Seq2SeqError
+from seq2seq import Seq2SeqError, atomic_write
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import Tokenizer
 
@@ -39,19 +38,9 @@ def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, dict]:
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """Write atomically: a temporary file, fsync, rename; a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise Seq2SeqError(f"{path}: cannot write ({e.strerror or e})") from None
+    """Write atomically (see `atomic_write`): a crash leaves the old file or the new one."""
+    with atomic_write(path, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -4,7 +4,6 @@ Corpora: `small_enja` (the 50k-pair benchmark), `tatoeba` (raw tab-separated pai
 `files` (any aligned text files) and `demo` (the project's own generated corpus).
 """
 import hashlib
-import io
 import logging
 import shutil
 import unicodedata
@@ -49,6 +48,14 @@ class DataConfig:
     valid_tgt: str | None = None
     test_src: str | None = None
     test_tgt: str | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_len", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be at least 1")
+        if self.max_tokens <= self.max_len:  # a sentence of max_len tokens plus its eos must fit in a batch
+            raise ValueError(f"data.max_tokens={self.max_tokens} is smaller than one sentence of "
+                             f"data.max_len={self.max_len} tokens (+ eos); raise max_tokens or lower max_len")
 
 
 def clean_line(line: str, nfkc: bool) -> str:

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
 from seq2seq.metrics import corpus_scores
-from seq2seq.translate import Translator, write_output
+from seq2seq.translate import Translator, check_output, write_output
 
 
 def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
@@ -23,11 +23,12 @@ def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
 
 def evaluate(cfg: DictConfig) -> dict:
     translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
+    hyp_path = Path(cfg.output or f"{cfg.ckpt}.test.hyp.{translator.info['tgt_lang']}")
+    check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
     hyps = [h[0][0] for h in translator.translate(src, cfg.beam_size, cfg.alpha, max_tokens=cfg.max_tokens,
                                                   progress=cfg.progress)]
     scores = corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
-    hyp_path = Path(cfg.output or f"{cfg.ckpt}.test.hyp.{translator.info['tgt_lang']}")
     write_output(str(hyp_path), "".join(h + "\n" for h in hyps))
     report = {"bleu": scores["bleu"], "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
               "chrf_signature": scores["chrf_signature"], "sentences": len(src), "beam_size": cfg.beam_size,

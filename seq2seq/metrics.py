@@ -11,6 +11,7 @@ def bleu_tokenize(tgt_lang: str, pretokenized: bool) -> str:
 
 def corpus_scores(hyps: list[str], refs: list[str], tokenize: str) -> dict:
     """BLEU and chrF of `hyps` against one reference each, with sacrebleu signatures."""
-    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    # force: text segmented on purpose (tokenize=none) is not the mistake sacrebleu warns about
+    bleu, chrf = BLEU(tokenize=tokenize, force=tokenize == "none"), CHRF()
     return {"bleu": bleu.corpus_score(hyps, [refs]).score, "chrf": chrf.corpus_score(hyps, [refs]).score,
             "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}

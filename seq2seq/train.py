@@ -3,8 +3,10 @@ import json
 import logging
 import os
 import time
+import types
+import typing
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -20,17 +22,39 @@ from seq2seq.data import TranslationDataModule
 from seq2seq.lit_module import MONITOR, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
+from seq2seq.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
 
 
+SCALAR_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int is a fine float
+
+
+def has_type(value, annotation) -> bool:
+    """Does a config value fit a config dataclass field's annotation (int, float, str | None, tuple[...])?"""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if value is None and option is type(None):
+            return True
+        if typing.get_origin(option) in (tuple, list) and isinstance(value, (list, tuple)):
+            return True
+        if option in SCALAR_TYPES and isinstance(value, SCALAR_TYPES[option]) \
+                and (option is bool or not isinstance(value, bool)):
+            return True
+    return False
+
+
 def build_config(cls, cfg: DictConfig, group: str, **derived):
-    """`cls(**cfg)`, turning a misspelled, missing or impossible key into one line naming it."""
+    """`cls(**cfg)`, turning a misspelled, missing, mistyped or impossible key into one line naming it."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise Seq2SeqError(f"unknown config key {group}.{unknown[0]} (known: {', '.join(sorted(known - set(derived)))})")
+        raise Seq2SeqError(f"unknown config key {group}.{unknown[0]} (known: {', '.join(sorted(set(known) - set(derived)))})")
+    for name, value in values.items():
+        if not has_type(value, known[name]):
+            expected = getattr(known[name], "__name__", str(known[name]))
+            raise Seq2SeqError(f"{group}.{name}={value!r}: expected {expected}")
     try:
         return cls(**values, **derived)
     except (TypeError, ValueError) as e:
@@ -58,18 +82,20 @@ def train(cfg: DictConfig) -> float:
 
 
 def train_job(cfg: DictConfig) -> float:
+    # every config group is checked before any work (the tokenizer's vocab_size and pad_id come later)
+    data_cfg = build_config(DataConfig, cfg.data, "data")
+    model_cfg = build_config(ModelConfig, cfg.model, "model", vocab_size=data_cfg.vocab_size, pad_id=PAD_ID)
+    optim_cfg = build_config(OptimConfig, cfg.optim, "optim")
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
-    data_cfg = build_config(DataConfig, cfg.data, "data")
     datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=cfg.seed)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
-    model = Transformer(build_config(ModelConfig, cfg.model, "model",
-                                     vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
+    model = Transformer(replace(model_cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
     data_info = {"src_lang": data_cfg.src_lang, "tgt_lang": data_cfg.tgt_lang, "normalize": data_cfg.normalize,
                  "bleu_tokenize": bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized),
                  "data_config": asdict(data_cfg)}
-    module = TranslationModule(model, tokenizer, build_config(OptimConfig, cfg.optim, "optim"), data_info)
+    module = TranslationModule(model, tokenizer, optim_cfg, data_info)
 
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
                                  save_last=True, enable_version_counter=False)

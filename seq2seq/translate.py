@@ -1,5 +1,6 @@
 """`run.py translate`: batch translation of a file or stdin with beam search, one output line per input line."""
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from seq2seq import Seq2SeqError
+from seq2seq import Seq2SeqError, atomic_write, write_error
 from seq2seq.checkpoint import load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
@@ -92,24 +93,40 @@ def read_input(path: str, errors: str) -> list[str]:
     return lines
 
 
-def write_output(path: str, text: str) -> None:
+def check_output(path: str, input_path: str = "-") -> None:
+    """Before any work: the output can be created, and it is not the input (which stays untouched)."""
     if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
         return
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
+    if input_path != "-" and target.exists() and target.resolve() == Path(input_path).resolve():
+        raise Seq2SeqError(f"{path}: output= is the input file; choose another so the input stays untouched")
+    probe = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise Seq2SeqError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise write_error(path, e) from None
+
+
+def write_output(path: str, text: str) -> None:
+    """A file is written atomically (a full disk leaves no half-written output); - is stdout."""
+    if path != "-":
+        with atomic_write(path) as f:
+            f.write(text)
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        raise Seq2SeqError(f"<stdout>: cannot write ({e.strerror or e})") from None
 
 
 def translate(cfg: DictConfig) -> None:
     if cfg.errors not in ("strict", "replace"):
         raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
+    check_output(str(cfg.output), str(cfg.input))
     lines = read_input(str(cfg.input), cfg.errors)
     translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
     results = translator.translate(lines, cfg.beam_size, cfg.alpha, cfg.nbest, cfg.max_tokens, cfg.max_len_a,

@@ -9,7 +9,7 @@ from seq2seq.corpora import DataConfig
 from seq2seq.lit_module import OptimConfig
 from seq2seq.model import ModelConfig
 from seq2seq.train import build_config
-from tests.conftest import CONF_DIR, compose_train
+from tests.conftest import CONF_DIR, compose_train, run_py
 
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(Path(CONF_DIR).iterdir())
                  if group.is_dir() and group.name != "hydra" for option in sorted(group.glob("*.yaml"))]
@@ -38,3 +38,24 @@ def test_heads_must_divide_d_model(tmp_path):
     cfg = compose_train([f"output_dir={tmp_path}", "model.d_model=100", "model.n_heads=3"])
     with pytest.raises(Seq2SeqError, match=r"model\.d_model=100 is not divisible by model\.n_heads=3"):
         build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.d_modle=3", "error: Could not override 'model.d_modle'. To append to your config use "
+                        "+model.d_modle=3 Key 'd_modle' is not in struct"),
+    ("model.d_model=abc", "error: model.d_model='abc': expected int"),
+    ("model.dropout=1.5", "error: bad model config: model.dropout=1.5 must be in [0, 1)"),
+    ("model=huge", "error: In 'train': Could not find 'model/huge' Available options in 'model': base small tiny"),
+    ("optim.lr=[", "error: no viable alternative at input '['"),
+    ("data.max_tokens=50", "error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"),
+])
+def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, message, tmp_path):
+    proc = run_py("train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_mandatory_value_is_one_line():
+    proc = run_py("translate", input="")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: Missing mandatory value: ckpt"

@@ -1,7 +1,12 @@
-"""Torn, corrupt and malicious checkpoints; non-finite losses; fuzzed translation input."""
-import os
+"""Torn, corrupt and malicious checkpoints; non-finite losses; fuzzed translation input; kills and full disks."""
+import csv
 import pickle
-import shutil
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,12 +18,11 @@ from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.lit_module import TranslationModule
 from seq2seq.train import train
 from seq2seq.translate import Translator
-from tests.conftest import compose_train, run_py
+from tests.conftest import ROOT, compose_train, run_py
 
 
 class Payload:
     """Unpickling this would create a file: proof that code ran."""
-
     def __init__(self, marker):
         self.marker = marker
 
@@ -67,10 +71,6 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
 
 def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     """SIGKILL a process while save_checkpoint is writing a large file: the old checkpoint is intact."""
-    import signal
-    import subprocess
-    import sys
-
     path = tmp_path / "last.ckpt"
     save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "seq2seq": {"generation": 1}}, path)
     before = path.read_bytes()
@@ -131,8 +131,6 @@ def test_fuzzed_lines_in_equal_lines_out(fuzz_translator, lines):
 
 def last_validation(run_dir) -> tuple[int, float]:
     """(step, val/loss) of the last validation in the newest CSV log of a run."""
-    import csv
-
     newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = [r for r in csv.DictReader(open(newest / "metrics.csv")) if r.get("val/loss")]
     return int(rows[-1]["step"]), float(rows[-1]["val/loss"])
@@ -143,13 +141,7 @@ def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
     validation loss as an uninterrupted run. Weights, optimizer, LR schedule, data position and the
     dropout RNG all come back, and CPU kernels with the same thread count are deterministic, so the
     two losses are equal; the 1e-6 relative tolerance only allows for printing/parsing the CSV."""
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.conftest import ROOT
 
     args = ["train", "experiment=smoke", "trainer.precision=32", "trainer.max_steps=75",
             "trainer.val_check_interval=25", "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
@@ -197,3 +189,58 @@ def test_data_position_survives_a_restart(tiny_cfg):
     resumed.load_state_dict(state)
     assert [batch["ids"].tolist() for batch in resumed] == expected[7:]
     assert [batch["ids"].tolist() for batch in resumed] == expected  # the next epoch starts from the top
+
+
+def small_disk(max_bytes: int):
+    """preexec_fn: files may grow to max_bytes only (EFBIG, like a full disk, instead of SIGXFSZ)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def run_limited(args, max_bytes, **kw):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_disk(max_bytes), timeout=900, **kw)
+
+
+def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_untouched(smoke_run, tmp_path):
+    ckpt = f"ckpt={smoke_run}/checkpoints/best.ckpt"
+    source = tmp_path / "in.en"
+    source.write_text("The cat eats the fish.\nThe dog reads the book.\n")
+    before = source.read_bytes()
+    (tmp_path / "a_file").write_text("")
+
+    proc = run_py("translate", ckpt, f"input={source}", f"output={tmp_path}/a_file/out.ja")  # caught up front
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path}/a_file/out.ja: cannot write ({tmp_path}/a_file is not a directory)"
+
+    proc = run_limited(["translate", ckpt, f"input={source}", f"output={tmp_path}/out.ja", "progress=false"], 10)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path}/out.ja: cannot write (File too large)"
+    assert not (tmp_path / "out.ja").exists() and not (tmp_path / ".out.ja.tmp").exists()  # nothing half-written
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "run.py", "translate", ckpt, f"input={source}", "progress=false"],
+                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: <stdout>: cannot write (No space left on device)"
+
+    proc = run_py("translate", ckpt, f"input={source}", f"output={source}")
+    assert proc.returncode == 1 and "output= is the input file" in proc.stderr
+    assert source.read_bytes() == before
+
+
+def test_train_on_a_full_disk_or_an_unwritable_run_dir_is_one_line(tmp_path, data_dir):
+    args = ["train", "experiment=smoke", "trainer.max_steps=30", "trainer.val_check_interval=20",
+            "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
+    corpus = {p: p.read_bytes() for p in (data_dir / "demo").iterdir() if p.is_file()}
+    proc = run_limited([*args, f"hydra.run.dir={tmp_path}/run"], 200_000)  # logs fit, checkpoints do not
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}/run/checkpoints/") and "cannot write" in last, last
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # no torn checkpoint
+    assert {p: p.read_bytes() for p in (data_dir / "demo").iterdir() if p.is_file()} == corpus
+
+    (tmp_path / "a_file").write_text("")
+    proc = run_py(*args, f"hydra.run.dir={tmp_path}/a_file/run")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'"
