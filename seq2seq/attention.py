@@ -64,50 +64,58 @@ class MultiHeadAttention(nn.Module):
         """Queries, keys and values all come from x (B, T, D). Returns (B, T, D).
 
         With a `cache` (incremental decoding), x holds only the new positions: their keys and values
-        are appended to the cached ones, so earlier positions are never projected again.
+        are appended to the cached ones (B, H, S_past, d_head), so earlier positions are never projected again.
         """
-        query, key, value = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D)
+        query, key, value = (self.split_heads(t) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, T, d_head)
         if cache is not None:
             if "key" in cache:
-                key = torch.cat([cache["key"], key], dim=1)  # (B, S_past + T, D)
-                value = torch.cat([cache["value"], value], dim=1)
+                key = torch.cat([cache["key"], key], dim=2)  # (B, H, S_past + T, d_head)
+                value = torch.cat([cache["value"], value], dim=2)
             cache["key"], cache["value"] = key, value
-        return self.attend(query, key, value, key_pad_mask, causal)
+        return self.out_proj(self.merge_heads(self.attend(query, key, value, key_pad_mask, causal)))
 
     def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, memory_pad_mask: torch.Tensor | None,
                         cache: dict | None = None) -> torch.Tensor:
         """Queries come from the decoder x (B, T, D); keys and values from the encoder output memory (B, S, D).
 
-        With a `cache`, the memory's keys and values are projected on the first call only.
+        x may hold G consecutive rows per memory row (the G beams of one sentence: x is (B*G, T, D)).
+        Their queries then attend as G*T positions of one row, so the memory's keys and values are
+        projected and stored once per sentence, not once per beam. With a `cache`, the memory's keys
+        and values are projected on the first call only.
         """
+        B, T = memory.size(0), x.size(1)
+        G = x.size(0) // B  # queries per memory row
         query = F.linear(x, self.in_proj.weight[:self.d_model], self.in_proj.bias[:self.d_model])
+        query = self.split_heads(query.reshape(B, G * T, self.d_model))  # (B, H, G*T, d_head)
         if cache is not None and "key" in cache:
             key, value = cache["key"], cache["value"]
         else:
             key, value = self.project_memory(memory)
             if cache is not None:
                 cache["key"], cache["value"] = key, value
-        return self.attend(query, key, value, memory_pad_mask, causal=False)
+        context = self.attend(query, key, value, memory_pad_mask, causal=False)  # (B, H, G*T, d_head)
+        return self.out_proj(self.merge_heads(context).view(B * G, T, self.d_model))
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, S, D) each, from the encoder output."""
+        """Keys and values (B, H, S, d_head) each, from the encoder output memory (B, S, D); contiguous,
+        so that every decoding step reads them without a copy."""
         kv = F.linear(memory, self.in_proj.weight[self.d_model:], self.in_proj.bias[self.d_model:])
-        return kv.chunk(2, dim=-1)
+        return tuple(self.split_heads(t).contiguous() for t in kv.chunk(2, dim=-1))
 
     def attend(self, query, key, value, key_pad_mask, causal: bool) -> torch.Tensor:
-        """Scaled dot-product attention over the heads. query (B, T, D), key/value (B, S, D) -> (B, T, D)."""
-        query, key, value = (self.split_heads(t) for t in (query, key, value))  # (B, H, T|S, d_head)
+        """Scaled dot-product attention of every head at once.
+
+        query (B, H, T, d_head), key/value (B, H, S, d_head) -> context (B, H, T, d_head).
+        """
         T, S = query.size(2), key.size(2)
         if self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16):
             weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
             self.weights = weights if self.store_weights else None
-            context = weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
-        elif causal and key_pad_mask is None and T == S:
-            context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-        else:
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device))
-        return self.out_proj(self.merge_heads(context))
+            return weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
+        if causal and key_pad_mask is None and T == S:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        return F.scaled_dot_product_attention(query, key, value,
+                                              attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape

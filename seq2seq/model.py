@@ -154,8 +154,9 @@ class Transformer(nn.Module):
                     cache: list[dict]) -> torch.Tensor:
         """Incremental decoding: tgt_in (B, 1) holds only the newest token; `cache` (one dict per layer,
         start with `[{} for _ in decoder_layers]`) keeps the keys/values of everything before it.
+        tgt_in may hold G rows per memory row (beams: (B*G, 1) against memory (B, S, D)); see cross_attention.
         Returns the newest position's decoder state (B, D)."""
-        step = cache[0]["self"]["key"].size(1) if cache[0] else 0
+        step = cache[0]["self"]["key"].size(2) if cache[0] else 0  # cached keys are (B, H, step, d_head)
         y = self.embed_tokens(tgt_in, start=step)
         for layer, layer_cache in zip(self.decoder_layers, cache):
             y = layer(y, memory, src_pad_mask, layer_cache)

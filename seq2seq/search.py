@@ -41,7 +41,7 @@ def length_penalty(length: int, alpha: float) -> float:
 def reorder_cache(cache: list[dict], order: torch.Tensor) -> None:
     """Make row i of every self-attention key/value cache the old row order[i] (beams were re-ranked).
 
-    The cross-attention cache needs no reordering: all K beams of a sentence share its memory.
+    The cross-attention cache needs no reordering: it holds one row per sentence, shared by its K beams.
     """
     for layer in cache:
         for name in ("key", "value"):
@@ -59,44 +59,81 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
     """
-    B, K = src.size(0), beam_size
-    memory = model.encode(src, src_pad_mask).repeat_interleave(K, dim=0)  # (B*K, S, D)
-    pad_mask = src_pad_mask.repeat_interleave(K, dim=0)  # (B*K, S)
+    K = beam_size
+    memory = model.encode(src, src_pad_mask)  # (B, S, D): the K beams of a sentence share it (cross_attention)
     cache = [{} for _ in model.decoder_layers]
-    tokens = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=src.device)
-    scores = torch.zeros(B, K, device=src.device)
+    alive = torch.arange(src.size(0), device=src.device)  # sentences still searched (their input rows)
+    tokens = torch.full((src.size(0) * K, 1), BOS_ID, dtype=torch.long, device=src.device)
+    scores = torch.zeros(src.size(0), K, device=src.device)
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
     max_len = max_output_len(src_pad_mask, model, max_len_a, max_len_b)
     for step in range(max_len + 1):  # max_len tokens, then eos
-        logits = model.project(model.decode_step(tokens[:, -1:], memory, pad_mask, cache)).float()  # (B*K, V)
-        log_z = logits.logsumexp(dim=-1, keepdim=True)  # (B*K, 1): log P(v) = logit_v - log_z
-        if step < min_len:
-            logits[:, EOS_ID] = float("-inf")
-        if step == max_len:  # out of room: every beam must end now
-            logits[:, :EOS_ID] = float("-inf")
-            logits[:, EOS_ID + 1:] = float("-inf")
+        B = alive.size(0)
+        h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
         # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
-        # those are scored: no (B*K, V) log-softmax or sum is ever built.
-        beam_logits, beam_tokens = logits.topk(2 * K, dim=-1)  # (B*K, 2K)
-        candidates = (scores.view(B * K, 1) + beam_logits - log_z).view(B, K * 2 * K)
+        # those are added to the prefix scores: no (B*K, V) sum is built.
+        beam_log_probs, beam_tokens = top_next_tokens(model, h, 2 * K, eos_allowed=step >= min_len,
+                                                      must_end=step == max_len)  # (B*K, 2K)
+        candidates = (scores.view(B * K, 1) + beam_log_probs).view(B, K * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
         beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
-        collect_finished(finished, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
-        if all(len(f) >= K for f in finished):
+        collect_finished(finished, alive, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
+        searching = torch.tensor([len(finished[b]) < K for b in alive.tolist()], device=src.device)  # (B,)
+        if not searching.any():
             break
         alive_scores = top_scores.masked_fill(token.eq(EOS_ID), float("-inf"))
         scores, pick = alive_scores.topk(K, dim=1)  # (B, K)
-        order = (beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * K).view(-1)  # (B*K,)
+        order = beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * K  # (B, K): rows to extend
+        next_token = token.gather(1, pick)  # (B, K)
+        if not searching.all():  # drop sentences with K finished hypotheses: later steps skip their rows
+            keep = searching.nonzero().squeeze(1)
+            alive, scores, order, next_token = alive[keep], scores[keep], order[keep], next_token[keep]
+            memory, src_pad_mask = memory[keep], src_pad_mask[keep]
+            drop_sentences(cache, keep)
+        order = order.view(-1)  # (B'*K,)
         reorder_cache(cache, order)
-        tokens = torch.cat([tokens[order], token.gather(1, pick).view(-1, 1)], dim=1)  # (B*K, step + 2)
+        tokens = torch.cat([tokens[order], next_token.view(-1, 1)], dim=1)  # (B'*K, step + 2)
     return [[(hyp, score) for score, hyp in sorted(f, key=lambda x: -x[0])[:nbest]] for f in finished]
 
 
-def collect_finished(finished, top_scores, beam, token, prefixes, K: int, alpha: float, length: int) -> None:
-    """Move candidates that end in eos among a sentence's top K into its finished list."""
+def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
+    """Keep only the sentences `keep` in the cross-attention caches (one row per sentence)."""
+    for layer in cache:
+        if "cross" in layer:
+            for name in ("key", "value"):
+                layer["cross"][name] = layer["cross"][name].index_select(0, keep)
+
+
+def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool = True,
+                    must_end: bool = False, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
+
+    Done `rows_per_chunk` rows at a time so that each (rows, V) block of logits stays in the CPU cache
+    through the projection, the fp32 log-normalizer and the top-k (one pass over memory, not five).
+    """
+    top_log_probs, top_ids = [], []
+    for part in h.split(rows_per_chunk):
+        logits = model.project(part).float()  # (C, V)
+        log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
+        if not eos_allowed:
+            logits[:, EOS_ID] = float("-inf")
+        if must_end:  # out of room: every hypothesis must end now
+            logits[:, :EOS_ID] = float("-inf")
+            logits[:, EOS_ID + 1:] = float("-inf")
+        values, ids = logits.topk(k, dim=-1)  # (C, k)
+        top_log_probs.append(values - log_z)
+        top_ids.append(ids)
+    return torch.cat(top_log_probs), torch.cat(top_ids)
+
+
+def collect_finished(finished, alive, top_scores, beam, token, prefixes, K: int, alpha: float, length: int) -> None:
+    """Move candidates that end in eos among a sentence's top K into its finished list.
+
+    Row b of the step's tensors is sentence alive[b]."""
     ends = token[:, :K].eq(EOS_ID) & top_scores[:, :K].isfinite()  # (B, K)
     for b, k in ends.nonzero().tolist():
-        if len(finished[b]) < K:
+        sentence = finished[int(alive[b])]
+        if len(sentence) < K:
             hyp = prefixes[b, beam[b, k], 1:].tolist()
-            finished[b].append((float(top_scores[b, k]) / length_penalty(length, alpha), hyp))
+            sentence.append((float(top_scores[b, k]) / length_penalty(length, alpha), hyp))

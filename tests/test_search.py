@@ -18,8 +18,8 @@ def test_cached_decode_steps_equal_full_recomputation(tiny_model):
         cache = [{} for _ in tiny_model.decoder_layers]
         steps = [tiny_model.decode_step(tgt[:, t:t + 1], memory, pad_mask, cache) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache[0]["self"]["key"].shape == (3, tgt.size(1), 32)
-    assert cache[0]["cross"]["key"].shape == (3, src.size(1), 32)  # projected once, reused
+    assert cache[0]["self"]["key"].shape == (3, 2, tgt.size(1), 16)  # (B, H, T, d_head)
+    assert cache[0]["cross"]["key"].shape == (3, 2, src.size(1), 16)  # projected once, reused
 
 
 def test_greedy_equals_argmax_of_full_recomputation(tiny_model):
