@@ -1,9 +1,11 @@
-"""Decoding speed: seq2seq's batched beam search against Hugging Face MarianMTModel.generate.
+"""Decoding speed: seq2seq's batched beam search against Hugging Face MarianMTModel.generate and
+CTranslate2.
 
 Each system runs in its own process (so peak RSS is its own) on the small_parallel_enja test set
-(500 sentences). Our model is the trained checkpoint; Marian has the same shape but random weights,
-so only the *forced-length* rows (every system emits exactly --forced-len tokens per sentence)
-compare decoders fairly; the natural-length rows show our real speed on real translations.
+(500 sentences). Our model is the trained checkpoint, and CTranslate2 runs the same trained weights
+(exported by bench/ct2_export.py), so their natural-length rows compare directly, BLEU included.
+Marian has the same shape but random weights, so only the *forced-length* rows (every system
+emits exactly --forced-len tokens per sentence) compare all three decoders.
 
     python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url ../shared/data/small_parallel_enja]
 """
@@ -26,6 +28,7 @@ def test_lines(data_url: str) -> list[str]:
 
 
 def run_ours(args, lines) -> list[dict]:
+    from seq2seq.metrics import corpus_scores
     from seq2seq.translate import Translator
 
     rows = []
@@ -37,15 +40,53 @@ def run_ours(args, lines) -> list[dict]:
                 start = time.perf_counter()
                 out = translator.translate(lines, beam_size=beam, max_tokens=max_tokens)
                 seconds = time.perf_counter() - start
-                n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode([h[0][0] for h in out]))
+                hyps = [h[0][0] for h in out]
+                n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
+                refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8")
+                bleu = corpus_scores(hyps, refs.splitlines()[:len(lines)], translator.info["bleu_tokenize"])["bleu"]
                 rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
-                                 seconds=seconds, sentences=len(lines), tokens=n_tok))
+                                 seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
             L = args.forced_len
             start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
             translator.translate(lines, beam_size=beam, max_tokens=args.budgets[-1], max_len_a=0,
                                  max_len_b=L - 1, min_len=L - 1)
             rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{args.budgets[-1]} tok",
                              seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+    return rows
+
+
+def run_ctranslate2(args, lines) -> list[dict]:
+    import tempfile
+
+    import ctranslate2
+
+    from ct2_export import export  # bench/ is on sys.path when this script runs
+    from seq2seq.checkpoint import load_model
+    from seq2seq.metrics import corpus_scores
+
+    _, tokenizer, info = load_model(args.ckpt)
+    source = [tokenizer.pieces(ids) + [tokenizer.pieces([tokenizer.eos_id])[0]] for ids in tokenizer.encode(lines)]
+    refs = Path(args.data_url, f"test.{info['tgt_lang']}").read_text(encoding="utf-8").splitlines()[:len(lines)]
+    rows = []
+    with tempfile.TemporaryDirectory() as model_dir:
+        export(args.ckpt, model_dir)
+        for compute_type in ("float32", "int8"):
+            translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
+                                                inter_threads=1, intra_threads=torch.get_num_threads())
+            for name, beam in CASES:
+                budget, L = args.budgets[-1], args.forced_len
+                start = time.perf_counter()
+                out = translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens")
+                seconds = time.perf_counter() - start
+                hyps = [tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in out]
+                bleu = corpus_scores(hyps, refs, info["bleu_tokenize"])["bleu"]
+                rows.append(dict(system=f"CT2 {compute_type}", case=name, batch=f"{budget} tok", seconds=seconds,
+                                 sentences=len(lines), tokens=sum(len(r.hypotheses[0]) + 1 for r in out), bleu=bleu))
+                start = time.perf_counter()
+                translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens",
+                                           min_decoding_length=L, max_decoding_length=L)
+                rows.append(dict(system=f"CT2 {compute_type}", case=f"{name} forced {L}", batch=f"{budget} tok",
+                                 seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
 
 
@@ -92,32 +133,38 @@ def main():
     parser.add_argument("--marian-batch", type=int, default=64, help="sentences per generate() call")
     parser.add_argument("--forced-len", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="only the first N test sentences")
-    parser.add_argument("--child", choices=["seq2seq", "marian"])
+    parser.add_argument("--child", choices=["seq2seq", "marian", "ctranslate2"])
     args = parser.parse_args()
     lines = test_lines(args.data_url)[:args.limit]
     if args.child:
-        rows = run_ours(args, lines) if args.child == "seq2seq" else run_marian(args, lines)
+        rows = {"seq2seq": run_ours, "marian": run_marian, "ctranslate2": run_ctranslate2}[args.child](args, lines)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps([dict(r, peak_rss_mb=rss) for r in rows]))
         return
     rows = []
-    for child in ("seq2seq", "marian"):
+    for child in ("seq2seq", "marian", "ctranslate2"):
         proc = subprocess.run([sys.executable, __file__, "--child", child, *sys.argv[1:]], capture_output=True,
                               text=True)
+        if proc.returncode and child == "ctranslate2" and "No module named 'ctranslate2'" in proc.stderr:
+            print("CTranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
+            continue
         if proc.returncode:
             sys.exit(f"{child} failed:\n{proc.stderr[-2000:]}")
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{len(lines)} sentences, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"{'system':<14} {'case':<18} {'batch':<10} {'sent/s':>8} {'tok/s':>8} {'peak RSS MB':>12}")
+    print(f"{'system':<14} {'case':<18} {'batch':<10} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6} {'peak RSS MB':>12}")
     for r in rows:
+        bleu = f"{r['bleu']:.2f}" if "bleu" in r else ""
         print(f"{r['system']:<14} {r['case']:<18} {r['batch']:<10} {r['sentences'] / r['seconds']:>8.1f} "
-              f"{r['tokens'] / r['seconds']:>8.0f} {r['peak_rss_mb']:>12.0f}")
+              f"{r['tokens'] / r['seconds']:>8.0f} {bleu:>6} {r['peak_rss_mb']:>12.0f}")
     print()
     for name, _ in CASES:
-        case = f"{name} forced {args.forced_len}"
-        best = {sys_: max(r["sentences"] / r["seconds"] for r in rows if r["case"] == case and r["system"].startswith(sys_))
-                for sys_ in ("seq2seq", "Marian")}
-        print(f"{case}: best seq2seq / best Marian = {best['seq2seq'] / best['Marian']:.2f}x")
+        for case in (f"{name} forced {args.forced_len}", name):
+            best = {peer: max((r["sentences"] / r["seconds"] for r in rows
+                               if r["case"] == case and r["system"].startswith(peer)), default=None)
+                    for peer in ("seq2seq", "Marian", "CT2 float32", "CT2 int8")}
+            print(f"{case}: best seq2seq / " + ", ".join(f"{peer} = {best['seq2seq'] / speed:.2f}x"
+                                                      for peer, speed in best.items() if peer != "seq2seq" and speed))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""Export a seq2seq checkpoint to a CTranslate2 model directory, so bench/decode.py can run the same
+trained weights in CTranslate2 (no Hugging Face model in between).
+
+    python bench/ct2_export.py runs/x/checkpoints/best.ckpt /tmp/ct2_model
+
+Our layers map one to one onto CTranslate2's TransformerSpec: fused query/key/value for
+self-attention, query + fused key/value for cross-attention, pre-norm LayerNorms per sublayer,
+a final LayerNorm per stack, embeddings scaled by sqrt(d_model) plus our sinusoidal table,
+and the output projection tied to the embedding.
+"""
+import math
+import sys
+from pathlib import Path
+
+import ctranslate2
+from ctranslate2.specs import common_spec, transformer_spec
+
+from seq2seq.checkpoint import load_model
+
+
+def set_linear(spec, weight, bias=None) -> None:
+    spec.weight = weight.detach().float().numpy()
+    if bias is not None:
+        spec.bias = bias.detach().float().numpy()
+
+
+def set_norm(spec, norm) -> None:
+    spec.gamma, spec.beta = norm.weight.detach().numpy(), norm.bias.detach().numpy()
+
+
+def set_stack_common(spec, model) -> None:
+    embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings  # encoder: a list
+    embeddings.weight = model.embed.weight.detach().numpy()
+    spec.scale_embeddings = math.sqrt(model.cfg.d_model)
+    spec.position_encodings.encodings = model.positions.numpy()
+
+
+def export(ckpt: str, out_dir: str) -> None:
+    model, tokenizer, _ = load_model(ckpt)
+    cfg, D = model.cfg, model.cfg.d_model
+    if not cfg.pre_norm:
+        sys.exit("only pre-norm models are exported")
+    spec = transformer_spec.TransformerSpec.from_config((cfg.n_enc_layers, cfg.n_dec_layers), cfg.n_heads,
+                                                        pre_norm=True, activation=common_spec.Activation.RELU)
+    set_stack_common(spec.encoder, model)
+    set_norm(spec.encoder.layer_norm, model.encoder_norm)
+    for layer_spec, layer in zip(spec.encoder.layer, model.encoder_layers):
+        set_linear(layer_spec.self_attention.linear[0], layer.self_attn.in_proj.weight, layer.self_attn.in_proj.bias)
+        set_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias)
+        set_norm(layer_spec.self_attention.layer_norm, layer.sublayers[0].norm)
+        set_linear(layer_spec.ffn.linear_0, layer.ffn[0].weight, layer.ffn[0].bias)
+        set_linear(layer_spec.ffn.linear_1, layer.ffn[2].weight, layer.ffn[2].bias)
+        set_norm(layer_spec.ffn.layer_norm, layer.sublayers[1].norm)
+    set_stack_common(spec.decoder, model)
+    set_norm(spec.decoder.layer_norm, model.decoder_norm)
+    set_linear(spec.decoder.projection, model.embed.weight)
+    for layer_spec, layer in zip(spec.decoder.layer, model.decoder_layers):
+        attn, cross = layer.self_attn, layer.cross_attn
+        set_linear(layer_spec.self_attention.linear[0], attn.in_proj.weight, attn.in_proj.bias)
+        set_linear(layer_spec.self_attention.linear[1], attn.out_proj.weight, attn.out_proj.bias)
+        set_norm(layer_spec.self_attention.layer_norm, layer.sublayers[0].norm)
+        set_linear(layer_spec.attention.linear[0], cross.in_proj.weight[:D], cross.in_proj.bias[:D])  # W_Q
+        set_linear(layer_spec.attention.linear[1], cross.in_proj.weight[D:], cross.in_proj.bias[D:])  # W_K, W_V
+        set_linear(layer_spec.attention.linear[2], cross.out_proj.weight, cross.out_proj.bias)
+        set_norm(layer_spec.attention.layer_norm, layer.sublayers[1].norm)
+        set_linear(layer_spec.ffn.linear_0, layer.ffn[0].weight, layer.ffn[0].bias)
+        set_linear(layer_spec.ffn.linear_1, layer.ffn[2].weight, layer.ffn[2].bias)
+        set_norm(layer_spec.ffn.layer_norm, layer.sublayers[2].norm)
+    pieces = tokenizer.pieces(list(range(tokenizer.vocab_size)))
+    spec.register_source_vocabulary(pieces)
+    spec.register_target_vocabulary(pieces)
+    spec.config.bos_token, spec.config.eos_token = pieces[tokenizer.bos_id], pieces[tokenizer.eos_id]
+    spec.config.unk_token, spec.config.decoder_start_token = pieces[tokenizer.unk_id], pieces[tokenizer.bos_id]
+    spec.validate()
+    spec.optimize(quantization=None)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spec.save(out_dir)
+
+
+if __name__ == "__main__":
+    export(sys.argv[1], sys.argv[2])
+    print(f"CTranslate2 {ctranslate2.__version__} model written to {sys.argv[2]}")
