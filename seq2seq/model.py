@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.attention import MultiHeadAttention
@@ -163,8 +164,12 @@ class Transformer(nn.Module):
         return self.decoder_norm(y)[:, -1]
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        """Decoder states (..., D) -> logits (..., V), through the shared embedding matrix."""
-        return h @ self.embed.weight.t()
+        """Decoder states (..., D) -> logits (..., V), through the shared embedding matrix.
+
+        F.linear takes the weight itself (not a transposed view), so autocast casts it to bf16 once
+        and reuses the cast on every later decoding step instead of copying 8k x D values each time.
+        """
+        return F.linear(h, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, T, V)."""
