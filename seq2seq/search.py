@@ -5,10 +5,13 @@ from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
-def max_output_len(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: float, max_len_b: int) -> int:
-    """a * (longest source) + b, capped by the position table."""
-    src_len = int((~src_pad_mask).sum(1).max())
-    return min(int(max_len_a * src_len + max_len_b), model.cfg.max_len - 1)
+def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: float, max_len_b: int) -> torch.Tensor:
+    """Each sentence's output limit, a * (its source length) + b, capped by the position table. (B,)
+
+    Per sentence, so that a translation never depends on which other sentences share its batch.
+    """
+    src_len = (~src_pad_mask).sum(1)  # (B,)
+    return (max_len_a * src_len + max_len_b).long().clamp(max=model.cfg.max_len - 1)
 
 
 @torch.no_grad()
@@ -16,16 +19,18 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
                   max_len_a: float = 1.5, max_len_b: int = 10) -> torch.Tensor:
     """Pick the most probable token at each step until every sentence has produced eos.
 
+    A sentence that reaches its length limit (`max_output_lens`) gets eos there.
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: (B, T) ids without bos; eos ends each sentence, pad follows it.
     """
     memory = model.encode(src, src_pad_mask)
     ys = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+    limit = max_output_lens(src_pad_mask, model, max_len_a, max_len_b)  # (B,)
     cache = [{} for _ in model.decoder_layers]
-    for _ in range(max_output_len(src_pad_mask, model, max_len_a, max_len_b)):
+    for step in range(int(limit.max()) + 1):
         logits = model.project(model.decode_step(ys[:, -1:], memory, src_pad_mask, cache))  # (B, V)
-        next_token = logits.argmax(-1).masked_fill(finished, PAD_ID)  # (B,)
+        next_token = logits.argmax(-1).masked_fill(limit.eq(step), EOS_ID).masked_fill(finished, PAD_ID)  # (B,)
         ys = torch.cat([ys, next_token[:, None]], dim=1)
         finished |= next_token.eq(EOS_ID)
         if finished.all():
@@ -54,7 +59,8 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
                 min_len: int = 0) -> list[list[tuple[list[int], float]]]:
     """Keep the beam_size best prefixes per sentence; finished hypotheses are ranked by log P / lp.
 
-    Outputs have at least `min_len` and at most `max_len_a * S + max_len_b` tokens before eos.
+    Outputs have at least `min_len` and at most `max_len_a * S + max_len_b` tokens before eos, S being
+    each sentence's own source length (`max_output_lens`).
 
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
@@ -67,14 +73,14 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     scores = torch.zeros(src.size(0), K, device=src.device)
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
-    max_len = max_output_len(src_pad_mask, model, max_len_a, max_len_b)
-    for step in range(max_len + 1):  # max_len tokens, then eos
+    limit = max_output_lens(src_pad_mask, model, max_len_a, max_len_b)  # (B,): at most limit tokens, then eos
+    for step in range(int(limit.max()) + 1):
         B = alive.size(0)
         h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
         # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
         # those are added to the prefix scores: no (B*K, V) sum is built.
         beam_log_probs, beam_tokens = top_next_tokens(model, h, 2 * K, eos_allowed=step >= min_len,
-                                                      must_end=step == max_len)  # (B*K, 2K)
+                                                      must_end=limit.eq(step).repeat_interleave(K))  # (B*K, 2K)
         candidates = (scores.view(B * K, 1) + beam_log_probs).view(B, K * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
         beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
@@ -88,7 +94,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         next_token = token.gather(1, pick)  # (B, K)
         if not searching.all():  # drop sentences with K finished hypotheses: later steps skip their rows
             keep = searching.nonzero().squeeze(1)
-            alive, scores, order, next_token = alive[keep], scores[keep], order[keep], next_token[keep]
+            alive, scores, order, next_token, limit = alive[keep], scores[keep], order[keep], next_token[keep], limit[keep]
             memory, src_pad_mask = memory[keep], src_pad_mask[keep]
             drop_sentences(cache, keep)
         order = order.view(-1)  # (B'*K,)
@@ -105,22 +111,24 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
                 layer["cross"][name] = layer["cross"][name].index_select(0, keep)
 
 
-def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool = True,
-                    must_end: bool = False, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool,
+                    must_end: torch.Tensor, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
-    Done `rows_per_chunk` rows at a time so that each (rows, V) block of logits stays in the CPU cache
-    through the projection, the fp32 log-normalizer and the top-k (one pass over memory, not five).
+    Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
+    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time so
+    that each (rows, V) block of logits stays in the CPU cache through the projection, the fp32
+    log-normalizer and the top-k (one pass over memory, not five).
     """
     top_log_probs, top_ids = [], []
-    for part in h.split(rows_per_chunk):
+    for part, ends in zip(h.split(rows_per_chunk), must_end.split(rows_per_chunk)):
         logits = model.project(part).float()  # (C, V)
         log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
         if not eos_allowed:
-            logits[:, EOS_ID] = float("-inf")
-        if must_end:  # out of room: every hypothesis must end now
-            logits[:, :EOS_ID] = float("-inf")
-            logits[:, EOS_ID + 1:] = float("-inf")
+            logits[:, EOS_ID].masked_fill_(~ends, float("-inf"))
+        if ends.any():
+            not_eos = torch.arange(logits.size(1), device=logits.device).ne(EOS_ID)  # (V,)
+            logits.masked_fill_(ends[:, None] & not_eos, float("-inf"))
         values, ids = logits.topk(k, dim=-1)  # (C, k)
         top_log_probs.append(values - log_z)
         top_ids.append(ids)

@@ -1,6 +1,7 @@
 """Incremental decoding equals full recomputation; greedy search stops at eos."""
 import math
 
+import pytest
 import torch
 
 from seq2seq.search import beam_search, greedy_search
@@ -37,6 +38,9 @@ def test_greedy_equals_argmax_of_full_recomputation(tiny_model):
         row = expected[b].tolist()
         end = row.index(EOS_ID) + 1 if EOS_ID in row else len(row)
         assert out[b, :end].tolist() == row[:end]
+        if EOS_ID not in row:  # 6 tokens without eos: the length limit ends the sentence
+            assert out[b, end] == EOS_ID
+            end += 1
         assert (out[b, end:] == PAD_ID).all()
 
 
@@ -111,6 +115,26 @@ def test_batched_beam_search_equals_one_sentence_at_a_time(tiny_model):
         assert [h for h, _ in single[0]] == [h for h, _ in batched[b]]
         for (_, s1), (_, s2) in zip(single[0], batched[b]):
             assert abs(s1 - s2) < 1e-4
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_sentence_translates_the_same_alone_and_next_to_a_longer_one(tiny_model, beam_size):
+    """The output length limit is a * (the sentence's own source length) + b, not the batch's longest."""
+    src, _ = batch(tiny_model.cfg.vocab_size)
+    pad = tiny_model.pad_mask(src)
+    lengths = (~pad).sum(1)
+    short = int(lengths.argmin())
+    assert lengths.max() > lengths[short]  # the batch has a longer sentence
+    batched = beam_search(tiny_model, src, pad, beam_size=beam_size, max_len_a=1.0, max_len_b=1)
+    n = int(lengths[short])
+    alone = beam_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], beam_size=beam_size,
+                        max_len_a=1.0, max_len_b=1)
+    assert alone[0][0][0] == batched[short][0][0]
+    assert len(alone[0][0][0]) <= n + 1
+    greedy_batched = greedy_search(tiny_model, src, pad, max_len_a=1.0, max_len_b=1)[short].tolist()
+    greedy_alone = greedy_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], max_len_a=1.0,
+                                 max_len_b=1)[0].tolist()
+    assert greedy_batched[:len(greedy_alone)] == greedy_alone and set(greedy_batched[len(greedy_alone):]) <= {PAD_ID}
 
 
 def test_min_len_and_max_len_bound_the_output(tiny_model):
