@@ -34,6 +34,7 @@ def run_ours(args, lines) -> list[dict]:
     rows = []
     for precision in ("bf16", "32"):
         translator = Translator.from_checkpoint(args.ckpt, precision=precision)
+        refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
         translator.translate(lines[:32], beam_size=2)  # warm-up
         for name, beam in CASES:
             for max_tokens in args.budgets:
@@ -42,8 +43,7 @@ def run_ours(args, lines) -> list[dict]:
                 seconds = time.perf_counter() - start
                 hyps = [h[0][0] for h in out]
                 n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
-                refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8")
-                bleu = corpus_scores(hyps, refs.splitlines()[:len(lines)], translator.info["bleu_tokenize"])["bleu"]
+                bleu = corpus_scores(hyps, refs[:len(lines)], translator.info["bleu_tokenize"])["bleu"]
                 rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
                                  seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
             L = args.forced_len

@@ -20,7 +20,7 @@ def atomic_write(path: str | Path, mode: str = "w"):
     one line naming the file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -34,6 +34,11 @@ def atomic_write(path: str | Path, mode: str = "w"):
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise Seq2SeqError(f"{path}: cannot write (is the disk full? {str(e).splitlines()[0]})") from None
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `atomic_write` writes before the rename: a hidden file beside `path`."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def write_error(path: str | Path, e: OSError) -> Seq2SeqError:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from seq2seq import Seq2SeqError, atomic_write, write_error
+from seq2seq import Seq2SeqError, atomic_write, temporary_path, write_error
 from seq2seq.checkpoint import load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
@@ -100,7 +100,7 @@ def check_output(path: str, input_path: str = "-") -> None:
     target = Path(path)
     if input_path != "-" and target.exists() and target.resolve() == Path(input_path).resolve():
         raise Seq2SeqError(f"{path}: output= is the input file; choose another so the input stays untouched")
-    probe = target.with_name(f".{target.name}.tmp")
+    probe = temporary_path(target)  # the file atomic_write will create
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
