@@ -32,14 +32,14 @@ def run_ours(args, lines) -> list[dict]:
     from seq2seq.translate import Translator
 
     rows = []
+    translator = Translator.from_checkpoint(args.ckpt)
+    refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
     for precision in ("bf16", "32"):
-        translator = Translator.from_checkpoint(args.ckpt, precision=precision)
-        refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
-        translator.translate(lines[:32], beam_size=2)  # warm-up
+        translator.translate(lines[:32], beam_size=2, precision=precision)  # warm-up
         for name, beam in CASES:
             for max_tokens in args.budgets:
                 start = time.perf_counter()
-                out = translator.translate(lines, beam_size=beam, max_tokens=max_tokens)
+                out = translator.translate(lines, beam_size=beam, max_tokens=max_tokens, precision=precision)
                 seconds = time.perf_counter() - start
                 hyps = [h[0][0] for h in out]
                 n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
@@ -49,7 +49,7 @@ def run_ours(args, lines) -> list[dict]:
             L = args.forced_len
             start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
             translator.translate(lines, beam_size=beam, max_tokens=args.budgets[-1], max_len_a=0,
-                                 max_len_b=L - 1, min_len=L - 1)
+                                 max_len_b=L - 1, min_len=L - 1, precision=precision)
             rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{args.budgets[-1]} tok",
                              seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows

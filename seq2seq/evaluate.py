@@ -1,5 +1,6 @@
 """`run.py evaluate`: translate a test set with beam search and score it with sacrebleu BLEU and chrF."""
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -7,7 +8,7 @@ from omegaconf import DictConfig
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
 from seq2seq.metrics import corpus_scores
-from seq2seq.translate import Translator, check_output, write_output
+from seq2seq.translate import Translator, check_output, search_config, write_output
 
 
 def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
@@ -22,18 +23,19 @@ def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
+    search = search_config(cfg)
+    translator = Translator.from_checkpoint(cfg.ckpt)
     hyp_path = Path(cfg.output or f"{cfg.ckpt}.test.hyp.{translator.info['tgt_lang']}")
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
-    hyps = [h[0][0] for h in translator.translate(src, cfg.beam_size, cfg.alpha, max_tokens=cfg.max_tokens,
-                                                  progress=cfg.progress)]
+    hyps = [h[0][0] for h in translator.translate(src, search, progress=cfg.progress)]
     scores = corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
     write_output(str(hyp_path), "".join(h + "\n" for h in hyps))
     report = {"bleu": scores["bleu"], "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
-              "chrf_signature": scores["chrf_signature"], "sentences": len(src), "beam_size": cfg.beam_size,
+              "chrf_signature": scores["chrf_signature"], "sentences": len(src), "search": asdict(search),
               "checkpoint": str(cfg.ckpt), "hypotheses": str(hyp_path)}
     write_output(str(hyp_path) + ".json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({len(src)} sentences, beam {cfg.beam_size})")
+    print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
+          f"({len(src)} sentences, beam {search.beam_size}, alpha {search.alpha})")
     print(scores["bleu_signature"])
     return report

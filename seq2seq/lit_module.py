@@ -12,7 +12,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
-from seq2seq.search import greedy_search
+from seq2seq.search import SearchConfig, greedy_search
 from seq2seq.tokenizer import Tokenizer
 
 MONITOR = "val/bleu"  # the checkpoint callback and early stopping watch this
@@ -72,7 +72,7 @@ class TranslationModule(L.LightningModule):
         self.loss_sum += float(loss) * n_tokens
         self.token_count += n_tokens
         src = batch["src"]
-        hyps = greedy_search(self.model, src, self.model.pad_mask(src))
+        hyps = greedy_search(self.model, src, self.model.pad_mask(src), SearchConfig())  # its default length limit
         self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps.tolist())))
 
     test_step = validation_step

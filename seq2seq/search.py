@@ -1,8 +1,42 @@
-"""Decoding over the plain Transformer: greedy search with the incremental (KV-cached) decoder."""
+"""Decoding over the plain Transformer: greedy and beam search with the incremental (KV-cached) decoder;
+the length penalty follows GNMT. SearchConfig holds every decoding default, once."""
+from dataclasses import dataclass, fields
+
 import torch
 
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class SearchConfig:
+    """How to decode. The one place these defaults live: `run.py` gives them to Hydra as the `search`
+    config that translate, evaluate and visualize merge at their root (so `beam_size=3` works on their
+    command lines), and `Translator.translate(lines, beam_size=3)` takes the same names."""
+
+    beam_size: int = 5  # 1 = greedy
+    alpha: float = 0.6  # GNMT length penalty: hypotheses are ranked by log P / lp
+    nbest: int = 1  # hypotheses returned per sentence, best first
+    min_len: int = 0  # at least this many tokens before eos
+    max_len_a: float = 1.5  # at most a * (source length) + b tokens before eos
+    max_len_b: int = 10
+    max_tokens: int = 4096  # batch budget in padded source tokens (translate, evaluate)
+    precision: str = "bf16"  # bf16 (autocast: several times the fp32 matmul rate on CPUs with bf16) or 32
+
+    def __post_init__(self):
+        for name in ("beam_size", "nbest", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("alpha", "min_len", "max_len_a", "max_len_b"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if self.nbest > self.beam_size:
+            raise ValueError(f"nbest={self.nbest} exceeds beam_size={self.beam_size}: a beam keeps only that many")
+        if self.precision not in ("bf16", "32"):
+            raise ValueError(f"precision={self.precision}: expected bf16 or 32")
+
+
+SEARCH_KEYS = tuple(f.name for f in fields(SearchConfig))
 
 
 def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: float, max_len_b: int) -> torch.Tensor:
@@ -16,17 +50,18 @@ def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: f
 
 @torch.no_grad()
 def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
-                  max_len_a: float = 1.5, max_len_b: int = 10) -> torch.Tensor:
+                  search: SearchConfig) -> torch.Tensor:
     """Pick the most probable token at each step until every sentence has produced eos.
 
-    A sentence that reaches its length limit (`max_output_lens`) gets eos there.
+    A sentence that reaches its length limit (`max_output_lens`) gets eos there; of `search`, only the
+    length limit applies.
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: (B, T) ids without bos; eos ends each sentence, pad follows it.
     """
     memory = model.encode(src, src_pad_mask)
     ys = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    limit = max_output_lens(src_pad_mask, model, max_len_a, max_len_b)  # (B,)
+    limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,)
     cache = [{} for _ in model.decoder_layers]
     for step in range(int(limit.max()) + 1):
         logits = model.project(model.decode_step(ys[:, -1:], memory, src_pad_mask, cache))  # (B, V)
@@ -54,9 +89,8 @@ def reorder_cache(cache: list[dict], order: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, beam_size: int = 5,
-                alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
-                min_len: int = 0) -> list[list[tuple[list[int], float]]]:
+def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
+                search: SearchConfig) -> list[list[tuple[list[int], float]]]:
     """Keep the beam_size best prefixes per sentence; finished hypotheses are ranked by log P / lp.
 
     Outputs have at least `min_len` and at most `max_len_a * S + max_len_b` tokens before eos, S being
@@ -65,7 +99,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
     """
-    K = beam_size
+    K, alpha, min_len = search.beam_size, search.alpha, search.min_len
     memory = model.encode(src, src_pad_mask)  # (B, S, D): the K beams of a sentence share it (cross_attention)
     cache = [{} for _ in model.decoder_layers]
     alive = torch.arange(src.size(0), device=src.device)  # sentences still searched (their input rows)
@@ -73,7 +107,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     scores = torch.zeros(src.size(0), K, device=src.device)
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
-    limit = max_output_lens(src_pad_mask, model, max_len_a, max_len_b)  # (B,): at most limit tokens, then eos
+    limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,): at most limit, then eos
     for step in range(int(limit.max()) + 1):
         B = alive.size(0)
         h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
@@ -100,7 +134,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         order = order.view(-1)  # (B'*K,)
         reorder_cache(cache, order)
         tokens = torch.cat([tokens[order], next_token.view(-1, 1)], dim=1)  # (B'*K, step + 2)
-    return [[(hyp, score) for score, hyp in sorted(f, key=lambda x: -x[0])[:nbest]] for f in finished]
+    return [[(hyp, score) for score, hyp in sorted(f, key=lambda x: -x[0])[:search.nbest]] for f in finished]
 
 
 def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:

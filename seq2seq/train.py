@@ -3,10 +3,8 @@ import json
 import logging
 import os
 import time
-import types
-import typing
 from contextlib import contextmanager
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
+from seq2seq.config import build_config
 from seq2seq.checkpoint import AtomicCheckpointIO, load_checkpoint
 from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
@@ -25,40 +24,6 @@ from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
-
-
-SCALAR_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int is a fine float
-
-
-def has_type(value, annotation) -> bool:
-    """Does a config value fit a config dataclass field's annotation (int, float, str | None, tuple[...])?"""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    for option in options:
-        if value is None and option is type(None):
-            return True
-        if typing.get_origin(option) in (tuple, list) and isinstance(value, (list, tuple)):
-            return True
-        if option in SCALAR_TYPES and isinstance(value, SCALAR_TYPES[option]) \
-                and (option is bool or not isinstance(value, bool)):
-            return True
-    return False
-
-
-def build_config(cls, cfg: DictConfig, group: str, **derived):
-    """`cls(**cfg)`, turning a misspelled, missing, mistyped or impossible key into one line naming it."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    known = {f.name: f.type for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise Seq2SeqError(f"unknown config key {group}.{unknown[0]} (known: {', '.join(sorted(set(known) - set(derived)))})")
-    for name, value in values.items():
-        if not has_type(value, known[name]):
-            expected = getattr(known[name], "__name__", str(known[name]))
-            raise Seq2SeqError(f"{group}.{name}={value!r}: expected {expected}")
-    try:
-        return cls(**values, **derived)
-    except (TypeError, ValueError) as e:
-        raise Seq2SeqError(f"bad {group} config: {e}") from None
 
 
 @contextmanager

@@ -14,7 +14,8 @@ from seq2seq import Seq2SeqError, atomic_write, temporary_path, write_error
 from seq2seq.checkpoint import load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
-from seq2seq.search import beam_search
+from seq2seq.config import build_config
+from seq2seq.search import SEARCH_KEYS, SearchConfig, beam_search
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,12 @@ log = logging.getLogger(__name__)
 class Translator:
     """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`."""
 
-    def __init__(self, model, tokenizer, info: dict, precision: str = "bf16"):
+    def __init__(self, model, tokenizer, info: dict):
         self.model, self.tokenizer, self.info = model.eval(), tokenizer, info
-        self.bf16 = precision == "bf16"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, precision: str = "bf16") -> "Translator":
-        return cls(*load_model(path), precision=precision)
+    def from_checkpoint(cls, path: str | Path) -> "Translator":
+        return cls(*load_model(path))
 
     def encode(self, lines: list[str]) -> list[list[int]]:
         """Clean as training did, encode, and cut lines the model cannot take (with a warning naming them)."""
@@ -40,23 +40,25 @@ class Translator:
                 print(f"warning: line {lineno}: {len(seq)} tokens, truncated to {limit}", file=sys.stderr)
         return [seq[:limit] for seq in ids]
 
-    def translate(self, lines: list[str], beam_size: int = 5, alpha: float = 0.6, nbest: int = 1,
-                  max_tokens: int = 4096, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                  progress: bool = False) -> list[list[tuple[str, float]]]:
-        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)]."""
+    def translate(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
+                  **settings) -> list[list[tuple[str, float]]]:
+        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
+
+        `search` or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`, ...).
+        """
+        search = SearchConfig(**settings) if search is None else search
         ids = self.encode(lines)
         sizes = np.array([len(s) + 1 for s in ids])
         out: list = [[("", 0.0)] for _ in lines]
         todo = [i for i, s in enumerate(ids) if s]
         batches = TokenBatchSampler(LengthOrderSampler(sizes[todo], shuffle=False, seed=0),
-                                    max(max_tokens, int(sizes.max(initial=1))))
+                                    max(search.max_tokens, int(sizes.max(initial=1))))
         bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, unit="line")
         for batch in batches:
             rows = [todo[i] for i in batch]
             src = pad_batch([ids[r] for r in rows])
-            with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext():
-                hyps = beam_search(self.model, src, self.model.pad_mask(src), beam_size, alpha, nbest,
-                                   max_len_a, max_len_b, min_len)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if search.precision == "bf16" else nullcontext():
+                hyps = beam_search(self.model, src, self.model.pad_mask(src), search)
             for r, sentence_hyps in zip(rows, hyps):
                 texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                 out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
@@ -123,15 +125,19 @@ def write_output(path: str, text: str) -> None:
         raise Seq2SeqError(f"<stdout>: cannot write ({e.strerror or e})") from None
 
 
+def search_config(cfg: DictConfig) -> SearchConfig:
+    """The search settings of a translate/evaluate/visualize command line, checked (one line if wrong)."""
+    return build_config(SearchConfig, {key: cfg[key] for key in SEARCH_KEYS}, "search", top_level=True)
+
+
 def translate(cfg: DictConfig) -> None:
+    search = search_config(cfg)
     if cfg.errors not in ("strict", "replace"):
         raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
     check_output(str(cfg.output), str(cfg.input))
     lines = read_input(str(cfg.input), cfg.errors)
-    translator = Translator.from_checkpoint(cfg.ckpt, precision=str(cfg.precision))
-    results = translator.translate(lines, cfg.beam_size, cfg.alpha, cfg.nbest, cfg.max_tokens, cfg.max_len_a,
-                                   cfg.max_len_b, progress=cfg.progress)
-    if cfg.nbest > 1:
+    results = Translator.from_checkpoint(cfg.ckpt).translate(lines, search, progress=cfg.progress)
+    if search.nbest > 1:
         text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
     else:
         text = "".join(hyps[0][0] + "\n" for hyps in results)

@@ -120,7 +120,9 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 def visualize(cfg: DictConfig) -> AttentionMaps:
     from seq2seq.checkpoint import load_model
     from seq2seq.search import beam_search
+    from seq2seq.translate import search_config
 
+    search = search_config(cfg)
     model, tokenizer, info = load_model(cfg.ckpt)
     text = clean_line(str(cfg.text), info["normalize"])
     if not text:
@@ -131,7 +133,7 @@ def visualize(cfg: DictConfig) -> AttentionMaps:
         tgt_ids = tokenizer.encode([clean_line(str(cfg.target), info["normalize"])])[0][:limit]
     else:
         src = torch.tensor([src_ids + [EOS_ID]])
-        tgt_ids = beam_search(model, src, model.pad_mask(src), beam_size=cfg.beam_size)[0][0][0]
+        tgt_ids = beam_search(model, src, model.pad_mask(src), search)[0][0][0]
     maps = attention_maps(model, tokenizer, src_ids, tgt_ids)
     if cfg.format == "text":
         print(f"source: {' '.join(maps.src_tokens)}\ntarget: {' '.join(maps.tgt_out)}")

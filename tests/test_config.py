@@ -8,7 +8,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig
 from seq2seq.lit_module import OptimConfig
 from seq2seq.model import ModelConfig
-from seq2seq.train import build_config
+from seq2seq.config import build_config
 from tests.conftest import CONF_DIR, compose_train, run_py
 
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(Path(CONF_DIR).iterdir())
@@ -59,3 +59,18 @@ def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, me
 def test_missing_mandatory_value_is_one_line():
     proc = run_py("translate", input="")
     assert proc.returncode == 1 and proc.stderr.strip() == "error: Missing mandatory value: ckpt"
+
+
+@pytest.mark.parametrize("command,override,message", [
+    ("translate", "beam_size=abc", "error: beam_size='abc': expected int"),
+    ("translate", "nbest=9", "error: bad search config: nbest=9 exceeds beam_size=5"),
+    ("evaluate", "alpha=-1", "error: bad search config: alpha=-1 must not be negative"),
+    ("visualize", "precision=fp16", "error: bad search config: precision=fp16: expected bf16 or 32"),
+])
+def test_bad_search_settings_are_one_line_before_the_checkpoint_is_read(command, override, message, tmp_path):
+    """The search defaults come from SearchConfig (run.py hands them to Hydra); a bad value is caught
+    before any work: the checkpoint named here does not even exist."""
+    extra = ["text=hello"] if command == "visualize" else []
+    proc = run_py(command, f"ckpt={tmp_path}/missing.ckpt", *extra, override, input="hello\n")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from seq2seq.search import beam_search, greedy_search
+from seq2seq.search import SearchConfig, beam_search, greedy_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.test_attention import batch
 
@@ -26,7 +26,7 @@ def test_cached_decode_steps_equal_full_recomputation(tiny_model):
 def test_greedy_equals_argmax_of_full_recomputation(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad_mask = tiny_model.pad_mask(src)
-    out = greedy_search(tiny_model, src, pad_mask, max_len_a=0, max_len_b=6)
+    out = greedy_search(tiny_model, src, pad_mask, SearchConfig(max_len_a=0, max_len_b=6))
     with torch.no_grad():
         memory = tiny_model.encode(src, pad_mask)
         ys = torch.full((3, 1), BOS_ID)
@@ -85,9 +85,9 @@ def test_beam_finds_the_best_sequence_where_greedy_does_not():
     model = ScriptedModel()
     src = torch.ones(1, 3, dtype=torch.long)
     pad = torch.zeros(1, 3, dtype=torch.bool)
-    greedy = greedy_search(model, src, pad, max_len_a=0, max_len_b=3)
+    greedy = greedy_search(model, src, pad, SearchConfig(max_len_a=0, max_len_b=3))
     assert greedy[0, 0].item() == 5
-    best = beam_search(model, src, pad, beam_size=2, alpha=0.0, max_len_a=0, max_len_b=3)
+    best = beam_search(model, src, pad, SearchConfig(beam_size=2, alpha=0.0, max_len_a=0, max_len_b=3))
     tokens, score = best[0][0]
     assert tokens == [6]
     assert abs(score - math.log(0.4 * 0.9)) < 1e-4
@@ -96,8 +96,8 @@ def test_beam_finds_the_best_sequence_where_greedy_does_not():
 def test_beam_size_one_equals_greedy(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad = tiny_model.pad_mask(src)
-    greedy = greedy_search(tiny_model, src, pad, max_len_a=0, max_len_b=8).tolist()
-    beam = beam_search(tiny_model, src, pad, beam_size=1, alpha=0.0, max_len_a=0, max_len_b=8)
+    greedy = greedy_search(tiny_model, src, pad, SearchConfig(max_len_a=0, max_len_b=8)).tolist()
+    beam = beam_search(tiny_model, src, pad, SearchConfig(beam_size=1, alpha=0.0, max_len_a=0, max_len_b=8))
     for b in range(3):
         row = greedy[b]
         expected = row[:row.index(EOS_ID)] if EOS_ID in row else row
@@ -107,11 +107,11 @@ def test_beam_size_one_equals_greedy(tiny_model):
 def test_batched_beam_search_equals_one_sentence_at_a_time(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad = tiny_model.pad_mask(src)
-    batched = beam_search(tiny_model, src, pad, beam_size=4, nbest=3, max_len_a=0, max_len_b=8)
+    search = SearchConfig(beam_size=4, nbest=3, max_len_a=0, max_len_b=8)
+    batched = beam_search(tiny_model, src, pad, search)
     for b in range(3):
         length = int((~pad[b]).sum())
-        single = beam_search(tiny_model, src[b:b + 1, :length], pad[b:b + 1, :length], beam_size=4, nbest=3,
-                             max_len_a=0, max_len_b=8)
+        single = beam_search(tiny_model, src[b:b + 1, :length], pad[b:b + 1, :length], search)
         assert [h for h, _ in single[0]] == [h for h, _ in batched[b]]
         for (_, s1), (_, s2) in zip(single[0], batched[b]):
             assert abs(s1 - s2) < 1e-4
@@ -125,20 +125,30 @@ def test_a_sentence_translates_the_same_alone_and_next_to_a_longer_one(tiny_mode
     lengths = (~pad).sum(1)
     short = int(lengths.argmin())
     assert lengths.max() > lengths[short]  # the batch has a longer sentence
-    batched = beam_search(tiny_model, src, pad, beam_size=beam_size, max_len_a=1.0, max_len_b=1)
+    search = SearchConfig(beam_size=beam_size, max_len_a=1.0, max_len_b=1)
+    batched = beam_search(tiny_model, src, pad, search)
     n = int(lengths[short])
-    alone = beam_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], beam_size=beam_size,
-                        max_len_a=1.0, max_len_b=1)
+    alone = beam_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], search)
     assert alone[0][0][0] == batched[short][0][0]
     assert len(alone[0][0][0]) <= n + 1
-    greedy_batched = greedy_search(tiny_model, src, pad, max_len_a=1.0, max_len_b=1)[short].tolist()
-    greedy_alone = greedy_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], max_len_a=1.0,
-                                 max_len_b=1)[0].tolist()
+    greedy_batched = greedy_search(tiny_model, src, pad, search)[short].tolist()
+    greedy_alone = greedy_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], search)[0].tolist()
     assert greedy_batched[:len(greedy_alone)] == greedy_alone and set(greedy_batched[len(greedy_alone):]) <= {PAD_ID}
 
 
 def test_min_len_and_max_len_bound_the_output(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad = tiny_model.pad_mask(src)
-    out = beam_search(tiny_model, src, pad, beam_size=3, max_len_a=0, max_len_b=5, min_len=5)
+    out = beam_search(tiny_model, src, pad, SearchConfig(beam_size=3, max_len_a=0, max_len_b=5, min_len=5))
     assert all(len(h) == 5 for hyps in out for h, _ in hyps)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(beam_size=0), "beam_size=0 must be at least 1"),
+    (dict(beam_size=2, nbest=3), "nbest=3 exceeds beam_size=2"),
+    (dict(max_len_a=-1.0), "max_len_a=-1.0 must not be negative"),
+    (dict(precision="fp16"), "precision=fp16: expected bf16 or 32"),
+])
+def test_impossible_search_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**settings)

@@ -1,0 +1,47 @@
+"""From Hydra's config to our dataclasses: `build_config` checks every key's name, type and range and
+turns a mistake into one line naming the key."""
+import types
+import typing
+from dataclasses import fields
+
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq import Seq2SeqError
+
+SCALAR_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int is a fine float
+
+
+def has_type(value, annotation) -> bool:
+    """Does a config value fit a config dataclass field's annotation (int, float, str | None, tuple[...])?"""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if value is None and option is type(None):
+            return True
+        if typing.get_origin(option) in (tuple, list) and isinstance(value, (list, tuple)):
+            return True
+        if option in SCALAR_TYPES and isinstance(value, SCALAR_TYPES[option]) \
+                and (option is bool or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def build_config(cls, cfg: DictConfig | dict, group: str, top_level: bool = False, **derived):
+    """`cls(**cfg)`, turning a misspelled, missing, mistyped or impossible key into one line naming it.
+
+    Messages name keys as the command line spells them: `model.d_model=...`, or `beam_size=...` for the
+    `top_level` keys that a command's config merges at its root (the search settings).
+    """
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    prefix = "" if top_level else f"{group}."
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise Seq2SeqError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(set(known) - set(derived)))})")
+    for name, value in values.items():
+        if not has_type(value, known[name]):
+            expected = getattr(known[name], "__name__", str(known[name]))
+            raise Seq2SeqError(f"{prefix}{name}={value!r}: expected {expected}")
+    try:
+        return cls(**values, **derived)
+    except (TypeError, ValueError) as e:
+        raise Seq2SeqError(f"bad {group} config: {e}") from None
