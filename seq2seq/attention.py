@@ -41,6 +41,48 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor
     return scores.softmax(dim=-1)
 
 
+class KVCache:
+    """The keys and values of the positions decoded so far, for one decoder self-attention layer.
+
+    `append` adds the new positions' keys and values and returns all of them, (B, H, S, d_head) each,
+    contiguous. `reorder(order)`, called when beam search re-ranks its hypotheses, makes row i the old
+    row order[i]. It is applied inside the next append, which writes the rows it keeps and the new
+    positions into the spare of two buffers that take turns: one copy of the cache per step (reorder
+    then torch.cat made two), and no fresh memory per step (page faults on a new 16 MB tensor every step
+    cost more than the copy itself; on a CPU, torch.cat along the position dim was slow as well).
+    """
+
+    def __init__(self):
+        self.key: torch.Tensor | None = None  # (B, H, S, d_head), a view into self.buffer
+        self.value: torch.Tensor | None = None
+        self.order: torch.Tensor | None = None  # (B,): pending reorder
+        self.buffer = self.spare = torch.empty(0)  # flat storage for keys then values; they swap each step
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.size(2)
+
+    def reorder(self, order: torch.Tensor) -> None:
+        self.order = order if self.order is None else self.order[order]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """key, value (B, H, T, d_head) of T new positions -> all keys, values (B, H, S + T, d_head)."""
+        B, H, T, d_head = key.shape
+        S, n = self.length, B * H * (self.length + T) * d_head
+        if self.spare.numel() < 2 * n or self.spare.dtype != key.dtype:
+            self.spare = key.new_empty(4 * n)  # room to grow for a few steps before the next allocation
+        new_key, new_value = (self.spare[i * n:(i + 1) * n].view(B, H, S + T, d_head) for i in range(2))
+        for past, new, out in ((self.key, key, new_key), (self.value, value, new_value)):
+            if past is not None and self.order is not None:
+                torch.index_select(past, 0, self.order, out=out[:, :, :S])  # straight into its slice
+            elif past is not None:
+                out[:, :, :S] = past
+            out[:, :, S:] = new
+        self.buffer, self.spare = self.spare, self.buffer
+        self.key, self.value, self.order = new_key, new_value, None
+        return new_key, new_value
+
+
 class MultiHeadAttention(nn.Module):
     """n_heads attention heads side by side, each over a d_model / n_heads slice.
 
@@ -60,7 +102,7 @@ class MultiHeadAttention(nn.Module):
         self.weights: torch.Tensor | None = None
 
     def self_attention(self, x: torch.Tensor, key_pad_mask: torch.Tensor | None = None,
-                       causal: bool = False, cache: dict | None = None) -> torch.Tensor:
+                       causal: bool = False, cache: KVCache | None = None) -> torch.Tensor:
         """Queries, keys and values all come from x (B, T, D). Returns (B, T, D).
 
         With a `cache` (incremental decoding), x holds only the new positions: their keys and values
@@ -68,10 +110,7 @@ class MultiHeadAttention(nn.Module):
         """
         query, key, value = (self.split_heads(t) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, T, d_head)
         if cache is not None:
-            if "key" in cache:
-                key = torch.cat([cache["key"], key], dim=2)  # (B, H, S_past + T, d_head)
-                value = torch.cat([cache["value"], value], dim=2)
-            cache["key"], cache["value"] = key, value
+            key, value = cache.append(key, value)  # (B, H, S_past + T, d_head)
         return self.out_proj(self.merge_heads(self.attend(query, key, value, key_pad_mask, causal)))
 
     def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, memory_pad_mask: torch.Tensor | None,

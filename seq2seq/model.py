@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.attention import MultiHeadAttention
+from seq2seq.attention import KVCache, MultiHeadAttention
 
 
 @dataclass
@@ -94,8 +94,8 @@ class DecoderLayer(nn.Module):
     def forward(self, y: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor,
                 cache: dict | None = None) -> torch.Tensor:
         # Target padding needs no mask: it only ever follows the real tokens, which the causal mask hides it from.
-        self_cache, cross_cache = (cache.setdefault("self", {}), cache.setdefault("cross", {})) if cache is not None \
-            else (None, None)
+        self_cache = cache.setdefault("self", KVCache()) if cache is not None else None
+        cross_cache = cache.setdefault("cross", {}) if cache is not None else None
         y = self.sublayers[0](y, lambda h: self.self_attn.self_attention(h, causal=True, cache=self_cache))
         y = self.sublayers[1](y, lambda h: self.cross_attn.cross_attention(h, memory, src_pad_mask, cross_cache))
         return self.sublayers[2](y, self.ffn)
@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         start with `[{} for _ in decoder_layers]`) keeps the keys/values of everything before it.
         tgt_in may hold G rows per memory row (beams: (B*G, 1) against memory (B, S, D)); see cross_attention.
         Returns the newest position's decoder state (B, D)."""
-        step = cache[0]["self"]["key"].size(2) if cache[0] else 0  # cached keys are (B, H, step, d_head)
+        step = cache[0]["self"].length if cache[0] else 0
         y = self.embed_tokens(tgt_in, start=step)
         for layer, layer_cache in zip(self.decoder_layers, cache):
             y = layer(y, memory, src_pad_mask, layer_cache)

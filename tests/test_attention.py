@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from seq2seq.attention import MultiHeadAttention, attention_weights, keep_mask
+from seq2seq.attention import KVCache, MultiHeadAttention, attention_weights, keep_mask
 from seq2seq.model import ModelConfig, Transformer
 
 
@@ -132,3 +132,21 @@ def test_post_norm_variant_runs(tokenizer):
                       n_enc_layers=1, n_dec_layers=1, dropout=0.0, pre_norm=False, max_len=16)
     src, tgt = batch(tokenizer.vocab_size)
     assert torch.isfinite(Transformer(cfg)(src, tgt)).all()
+
+
+def test_kv_cache_equals_reordering_and_concatenating():
+    """Appends and beam reorders (rows repeat, rows leave, two reorders in a row) against torch.cat/index_select."""
+    cache, expected = KVCache(), None
+    steps = [(4, None), (4, torch.tensor([2, 2, 0, 3])), (3, torch.tensor([1, 0, 0])), (3, None)]
+    for rows, order in steps:
+        if order is not None:
+            cache.reorder(order)
+            expected = expected.index_select(0, order)
+        key = torch.randn(rows, 2, 1, 8)
+        expected = key if expected is None else torch.cat([expected, key], dim=2)
+        keys, values = cache.append(key, -key)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected) and keys.is_contiguous()
+    cache.reorder(torch.tensor([2, 1, 0]))
+    cache.reorder(torch.tensor([0, 0, 1]))
+    keys, _ = cache.append(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
+    assert torch.equal(keys[:, :, :-1], expected[[2, 2, 1]])

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from seq2seq.search import SearchConfig, beam_search, greedy_search
+from seq2seq.attention import KVCache
+from seq2seq.search import SearchConfig, beam_search, blockwise_topk, greedy_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.test_attention import batch
 
@@ -19,7 +20,7 @@ def test_cached_decode_steps_equal_full_recomputation(tiny_model):
         cache = [{} for _ in tiny_model.decoder_layers]
         steps = [tiny_model.decode_step(tgt[:, t:t + 1], memory, pad_mask, cache) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache[0]["self"]["key"].shape == (3, 2, tgt.size(1), 16)  # (B, H, T, d_head)
+    assert cache[0]["self"].key.shape == (3, 2, tgt.size(1), 16)  # (B, H, T, d_head)
     assert cache[0]["cross"]["key"].shape == (3, 2, src.size(1), 16)  # projected once, reused
 
 
@@ -63,10 +64,9 @@ class ScriptedModel(torch.nn.Module):
         return torch.zeros(src.size(0), src.size(1), 1)
 
     def decode_step(self, tgt_in, memory, src_pad_mask, cache):
-        layer = cache[0].setdefault("self", {})
-        prefix = torch.cat([layer["key"], tgt_in], 1) if "key" in layer else tgt_in
-        layer["key"], layer["value"] = prefix, prefix  # reordered by the search like a real cache
-        return prefix  # the 'state' is the prefix itself
+        token = tgt_in[:, None, :, None]  # (B, 1, 1, 1): the token is its own key and value
+        prefix, _ = cache[0].setdefault("self", KVCache()).append(token, token)  # reordered by the search
+        return prefix[:, 0, :, 0]  # the 'state' is the prefix itself
 
     def project(self, prefix):
         probs = torch.zeros(prefix.size(0), self.V)
@@ -152,3 +152,14 @@ def test_min_len_and_max_len_bound_the_output(tiny_model):
 def test_impossible_search_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**settings)
+
+
+@pytest.mark.parametrize("V", [50, 7317, 8000])
+def test_blockwise_topk_equals_topk(V):
+    torch.manual_seed(V)
+    x = torch.randn(37, V)
+    x[0, -3:] = 20.0 + torch.arange(3.0)  # the winners in the columns after the last whole block
+    x[1, :3] = 10.0 + torch.arange(3.0)  # and in the first block
+    values, ids = blockwise_topk(x, 10)
+    expected_values, expected_ids = x.topk(10, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
