@@ -44,19 +44,17 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor
 class KVCache:
     """The keys and values of the positions decoded so far, for one decoder self-attention layer.
 
-    `append` adds the new positions' keys and values and returns all of them, (B, H, S, d_head) each,
-    contiguous. `reorder(order)`, called when beam search re-ranks its hypotheses, makes row i the old
-    row order[i]. It is applied inside the next append, which writes the rows it keeps and the new
-    positions into the spare of two buffers that take turns: one copy of the cache per step (reorder
-    then torch.cat made two), and no fresh memory per step (page faults on a new 16 MB tensor every step
-    cost more than the copy itself; on a CPU, torch.cat along the position dim was slow as well).
+    `append` adds the new positions' keys and values and returns all of them, (B, H, S, d_head) each.
+    `reorder(order)`, called when beam search re-ranks its hypotheses, makes row i the old row order[i].
+    It is applied inside the next append, which writes the rows it keeps straight into the new, longer
+    tensor: one copy of the cache per step, where index_select then torch.cat made two (and torch.cat
+    along the position dim of a bf16 cache was slow on a CPU besides).
     """
 
     def __init__(self):
-        self.key: torch.Tensor | None = None  # (B, H, S, d_head), a view into self.buffer
+        self.key: torch.Tensor | None = None  # (B, H, S, d_head)
         self.value: torch.Tensor | None = None
-        self.order: torch.Tensor | None = None  # (B,): pending reorder
-        self.buffer = self.spare = torch.empty(0)  # flat storage for keys then values; they swap each step
+        self.order: torch.Tensor | None = None  # (B,): a reorder waiting for the next append
 
     @property
     def length(self) -> int:
@@ -68,17 +66,14 @@ class KVCache:
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key, value (B, H, T, d_head) of T new positions -> all keys, values (B, H, S + T, d_head)."""
         B, H, T, d_head = key.shape
-        S, n = self.length, B * H * (self.length + T) * d_head
-        if self.spare.numel() < 2 * n or self.spare.dtype != key.dtype:
-            self.spare = key.new_empty(4 * n)  # room to grow for a few steps before the next allocation
-        new_key, new_value = (self.spare[i * n:(i + 1) * n].view(B, H, S + T, d_head) for i in range(2))
+        S = self.length
+        new_key, new_value = key.new_empty(B, H, S + T, d_head), value.new_empty(B, H, S + T, d_head)
         for past, new, out in ((self.key, key, new_key), (self.value, value, new_value)):
             if past is not None and self.order is not None:
                 torch.index_select(past, 0, self.order, out=out[:, :, :S])  # straight into its slice
             elif past is not None:
                 out[:, :, :S] = past
             out[:, :, S:] = new
-        self.buffer, self.spare = self.spare, self.buffer
         self.key, self.value, self.order = new_key, new_value, None
         return new_key, new_value
 

@@ -25,7 +25,8 @@ def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
 def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
     translator = Translator.from_checkpoint(cfg.ckpt)
-    hyp_path = Path(cfg.output or f"{cfg.ckpt}.test.hyp.{translator.info['tgt_lang']}")
+    split = "test" if cfg.src is None else Path(cfg.src).stem  # dev.en -> best.ckpt.dev.hyp.ja
+    hyp_path = Path(cfg.output or f"{cfg.ckpt}.{split}.hyp.{translator.info['tgt_lang']}")
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
     hyps = [h[0][0] for h in translator.translate(src, search, progress=cfg.progress)]

@@ -68,10 +68,11 @@ def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
     ckpt = smoke_run / "checkpoints" / "best.ckpt"
     (tmp_path / "s.en").write_text("The cat eats the fish.\nThe dog reads the book.\n")
     (tmp_path / "r.ja").write_text("猫は魚を食べます。\n犬は本を読みます。\n")
-    proc = run_py("evaluate", f"ckpt={ckpt}", f"src={tmp_path}/s.en", f"ref={tmp_path}/r.ja",
-                  f"output={tmp_path}/hyp.ja", "beam_size=2")
+    proc = run_py("evaluate", f"ckpt={ckpt}", f"src={tmp_path}/s.en", f"ref={tmp_path}/r.ja", "beam_size=2")
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "hyp.ja.json").read_text())
+    hyp = smoke_run / "checkpoints" / "best.ckpt.s.hyp.ja"  # named after src=, beside the checkpoint
+    assert len(hyp.read_text().splitlines()) == 2
+    report = json.loads(hyp.with_name(hyp.name + ".json").read_text())
     assert report["sentences"] == 2 and "tok:ja-mecab" in report["bleu_signature"]
     assert f"BLEU {report['bleu']:.2f}" in proc.stdout
     proc = run_py("evaluate", f"ckpt={ckpt}", "beam_size=2", f"output={tmp_path}/test.ja")
