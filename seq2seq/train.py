@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -46,7 +47,23 @@ def train(cfg: DictConfig) -> float:
         return train_job(cfg)
 
 
+def no_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()  # Lightning's tip to install a cloud logger, on every run
+
+
+def quiet_lightning() -> None:
+    """Lightning's messages once, through Hydra's handlers (the console and the run's train.log): the
+    `lightning` package adds a console handler of its own, so every line came twice. Also drops its
+    advert and two warnings about its own internals that a user cannot act on."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+
+
 def train_job(cfg: DictConfig) -> float:
+    quiet_lightning()
     # every config group is checked before any work (the tokenizer's vocab_size and pad_id come later)
     data_cfg = build_config(DataConfig, cfg.data, "data")
     model_cfg = build_config(ModelConfig, cfg.model, "model", vocab_size=data_cfg.vocab_size, pad_id=PAD_ID)

@@ -67,6 +67,10 @@ def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_pat
                   f"ckpt_path={out}/checkpoints/last.ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["global_step"] == 170
+    # Lightning's lines come once (through Hydra's handlers), without its advert or internal warnings
+    output = proc.stdout + proc.stderr
+    assert output.count("Restored all states from the checkpoint at") == 1, output[-3000:]
+    assert "litlogger" not in output and "LeafSpec" not in output
 
 
 def test_multirun_of_two_smoke_runs_and_its_report(tmp_path, data_dir):
