@@ -1,6 +1,6 @@
 """Decoding over the plain Transformer: greedy and beam search with the incremental (KV-cached) decoder;
 the length penalty follows GNMT. SearchConfig holds every decoding default, once."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -34,9 +34,6 @@ class SearchConfig:
             raise ValueError(f"nbest={self.nbest} exceeds beam_size={self.beam_size}: a beam keeps only that many")
         if self.precision not in ("bf16", "32"):
             raise ValueError(f"precision={self.precision}: expected bf16 or 32")
-
-
-SEARCH_KEYS = tuple(f.name for f in fields(SearchConfig))
 
 
 def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: float, max_len_b: int) -> torch.Tensor:

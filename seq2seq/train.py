@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
-from seq2seq.config import build_config
 from seq2seq.checkpoint import AtomicCheckpointIO, load_checkpoint
+from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
 from seq2seq.lit_module import MONITOR, OptimConfig, TokenThroughput, TranslationModule

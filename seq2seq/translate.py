@@ -3,6 +3,7 @@ import logging
 import os
 import sys
 from contextlib import nullcontext
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,10 @@ from tqdm import tqdm
 
 from seq2seq import Seq2SeqError, atomic_write, temporary_path, write_error
 from seq2seq.checkpoint import load_model
+from seq2seq.config import build_config
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
-from seq2seq.config import build_config
-from seq2seq.search import SEARCH_KEYS, SearchConfig, beam_search
+from seq2seq.search import SearchConfig, beam_search
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,10 @@ class Translator:
                   **settings) -> list[list[tuple[str, float]]]:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
 
-        `search` or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`, ...).
+        `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`, ...),
+        which override it.
         """
-        search = SearchConfig(**settings) if search is None else search
+        search = replace(search or SearchConfig(), **settings)
         ids = self.encode(lines)
         sizes = np.array([len(s) + 1 for s in ids])
         out: list = [[("", 0.0)] for _ in lines]
@@ -127,7 +129,7 @@ def write_output(path: str, text: str) -> None:
 
 def search_config(cfg: DictConfig) -> SearchConfig:
     """The search settings of a translate/evaluate/visualize command line, checked (one line if wrong)."""
-    return build_config(SearchConfig, {key: cfg[key] for key in SEARCH_KEYS}, "search", top_level=True)
+    return build_config(SearchConfig, {f.name: cfg[f.name] for f in fields(SearchConfig)}, "search", top_level=True)
 
 
 def translate(cfg: DictConfig) -> None:
