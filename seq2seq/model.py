@@ -46,6 +46,29 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     return pe
 
 
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted-dropout mask like x: 0 with probability p, else 1 / (1 - p).
+
+    Drawn as 16-bit slices of 64-bit random integers: four draws per generator call, where
+    `bernoulli_` makes one per element. On a CPU that is 3x faster (5,000 x 256: 7.2 -> 2.3 ms) and
+    dropout had been a fifth of a training step. p is rounded to a multiple of 1/65536.
+    """
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    bits = bits.view(torch.int16)[:x.numel()].view(x.shape)  # uniform over [-32768, 32767]
+    return (bits >= round(p * 65536) - 32768).to(x.dtype).mul_(1 / (1 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a faster mask on CPUs (`dropout_mask`); elsewhere the usual kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return x * dropout_mask(x, self.p)
+
+
 class FeedForward(nn.Sequential):
     """Position-wise FFN(x) = W2 ReLU(W1 x) (section 3.3). No dropout inside: the paper has none there,
     and on a CPU a dropout over the d_ff-wide activations cost 8% of a training step."""
@@ -59,7 +82,7 @@ class Sublayer(nn.Module):
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), Dropout(dropout), pre_norm
 
     def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.pre_norm:
@@ -109,7 +132,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
         # pre-norm leaves the residual stream unnormalized, so each stack ends with a LayerNorm

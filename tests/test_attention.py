@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seq2seq.attention import KVCache, MultiHeadAttention, attention_weights, keep_mask
-from seq2seq.model import ModelConfig, Transformer
+from seq2seq.model import Dropout, ModelConfig, Transformer
 
 
 def batch(vocab: int, B=3, S=7, T=6, seed=0):
@@ -150,3 +150,21 @@ def test_kv_cache_equals_reordering_and_concatenating():
     cache.reorder(torch.tensor([0, 0, 1]))
     keys, _ = cache.append(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
     assert torch.equal(keys[:, :, :-1], expected[[2, 2, 1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(dtype):
+    torch.manual_seed(0)
+    dropout = Dropout(0.1)
+    x = torch.ones(999, 1001, dtype=dtype, requires_grad=True)  # not a multiple of 4 elements
+    y = dropout(x)
+    kept = y.detach() != 0
+    assert y.dtype == dtype and abs(kept.float().mean().item() - 0.9) < 0.002
+    assert torch.equal(y.detach()[kept], torch.full_like(y.detach()[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient flows through the same mask
+    assert not torch.equal(dropout(x) != 0, kept)  # a fresh mask each call
+    rows_kept = kept.float().mean(dim=1)  # no pattern along either axis
+    assert rows_kept.min() > 0.8 and kept.float().mean(dim=0).min() > 0.8
+    dropout.eval()
+    assert dropout(x) is x
