@@ -38,7 +38,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 def ours(cfg, tokenizer):
     model = Transformer(ModelConfig(**cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
     module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), {})
-    return model, lambda batch: module.loss(batch, cfg.optim.label_smoothing)[0]
+    optimizer = module.configure_optimizers()["optimizer"]  # the one `run.py train` uses
+    return model, lambda batch: module.loss(batch, cfg.optim.label_smoothing)[0], optimizer
 
 
 def marian(cfg, tokenizer, attn_implementation: str):
@@ -60,13 +61,13 @@ def marian(cfg, tokenizer, attn_implementation: str):
                        decoder_input_ids=batch["tgt_in"]).logits  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
                                ignore_index=tokenizer.pad_id, label_smoothing=cfg.optim.label_smoothing)
-    return model, loss
+    # its fastest optimizer too (the Trainer's optim="adamw_torch_fused")
+    return model, loss, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def train_steps(model, loss_fn, batches, bf16: bool) -> float:
+def train_steps(model, loss_fn, optimizer, batches, bf16: bool) -> float:
     """Seconds for one optimizer step per batch: forward, backward, clip, AdamW."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     start = time.perf_counter()
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -120,16 +121,16 @@ def main():
         for impl in ("eager", "sdpa"):
             systems[f"Marian {impl} {tag}"] = (*marian(cfg, datamodule.tokenizer, impl), bf16)
     times = {name: [] for name in systems}
-    for name, (model, loss_fn, bf16) in systems.items():
-        train_steps(model, loss_fn, warmup, bf16)
+    for name, (model, loss_fn, optimizer, bf16) in systems.items():
+        train_steps(model, loss_fn, optimizer, warmup, bf16)
     for _ in range(args.rounds):
-        for name, (model, loss_fn, bf16) in systems.items():
-            times[name].append(train_steps(model, loss_fn, batches, bf16))
+        for name, (model, loss_fn, optimizer, bf16) in systems.items():
+            times[name].append(train_steps(model, loss_fn, optimizer, batches, bf16))
 
     rate = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     best_peer = max((n for n in rate if n.startswith("Marian")), key=rate.get)
     print(f"\n{'system':<20} {'params':>10} {'tokens/s':>10} {'vs best Marian':>15} {'% of matmul peak':>17}")
-    for name, (model, loss_fn, bf16) in systems.items():
+    for name, (model, loss_fn, _, bf16) in systems.items():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             flops = step_flops(model, loss_fn, batches[0]) * n_tokens / batches[0]["n_tokens"]
         achieved = flops / statistics.median(times[name]) / 1e9

@@ -168,3 +168,22 @@ def test_joblib_launcher_and_optuna_search(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "optuna").glob("*/results.json"))) == 2
     assert "best_value" in (tmp_path / "optuna" / "optimization_results.yaml").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
+    """Lightning will not clip for a fused optimizer under bf16-mixed; the module clips itself."""
+    model = Transformer(ModelConfig(vocab_size=50, pad_id=0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
+                                    n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=16))
+    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0)
+    module = TranslationModule(model, None, optim, {})
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(optimizer, 0.5, algorithm)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if algorithm == "norm":
+        torch.testing.assert_close(grads.norm(), torch.tensor(0.5))
+    else:
+        assert torch.equal(grads, torch.full_like(grads, 0.5))
