@@ -41,6 +41,30 @@ def own_distributed_state():
         os.environ.update(environ)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that survives a copied or moved run directory.
+
+    Resumed from a checkpoint saved under another directory, Lightning keeps the old best_model_path
+    and drops the best score: the test then scored the *old* directory's best.ckpt, and results.json
+    had no val/bleu. When the saved files are in this directory too (it was copied or moved), their
+    paths are taken as this directory's; otherwise (training on from another run) Lightning's rule stands.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+
+        def here(path):  # the same file in this run's checkpoint directory
+            return str(Path(new) / Path(path).name) if path else path
+
+        if old and new and old != new and Path(here(state_dict.get("best_model_path") or "")).is_file():
+            log.info("checkpoints moved from %s to %s: their scores carry over", old, new)
+            state_dict = {**state_dict, "dirpath": new, "best_model_path": here(state_dict["best_model_path"]),
+                          "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                          "last_model_path": here(state_dict.get("last_model_path")),
+                          "best_k_models": {here(p): v for p, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
+
+
 def train(cfg: DictConfig) -> float:
     """Train, keep the best checkpoint by dev BLEU, score it on the test split. Returns best val/bleu."""
     with own_distributed_state():
@@ -79,12 +103,12 @@ def train_job(cfg: DictConfig) -> float:
                  "data_config": asdict(data_cfg)}
     module = TranslationModule(model, tokenizer, optim_cfg, data_info)
 
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+    checkpoint = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
                                  save_last=True, enable_version_counter=False)
     throughput = TokenThroughput()
     callbacks = [checkpoint, throughput, EarlyStopping(MONITOR, mode="max", patience=cfg.patience)]
     if cfg.keep_last > 0:  # the newest N validations' weights, for `run.py average`
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
+        callbacks.append(RunCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
                                          mode="max", save_top_k=cfg.keep_last, save_weights_only=True,
                                          auto_insert_metric_name=False, enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)

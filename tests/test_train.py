@@ -66,7 +66,11 @@ def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_pat
                   "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}",
                   f"ckpt_path={out}/checkpoints/last.ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["global_step"] == 170
+    results = json.loads((out / "results.json").read_text())
+    assert results["global_step"] == 170
+    # the copied directory's own best checkpoint and its score, not the original directory's
+    assert results["best_checkpoint"] == str((out / "checkpoints" / "best.ckpt").resolve())
+    assert results["val/bleu"] == json.loads((smoke_run / "results.json").read_text())["val/bleu"]
     # Lightning's lines come once (through Hydra's handlers), without its advert or internal warnings
     output = proc.stdout + proc.stderr
     assert output.count("Restored all states from the checkpoint at") == 1, output[-3000:]
