@@ -7,8 +7,9 @@ The causal mask is never built by hand for the fast path: SDPA's `is_causal` app
 
 Which kernel runs: `F.scaled_dot_product_attention`, except for bfloat16 on a CPU, where PyTorch's
 SDPA kernels measured 1.5-7x slower than the two matmuls and softmax of `attention_weights`
-(forward+backward, 4 heads of 64, T=16..512; see the commit that added this), and except when
-the weights are asked for. Both paths compute the same function.
+(forward+backward, 4 heads of 64, T=16..512; see the commit that added this; on a later AMX CPU
+still 3-7x slower at T=17..64, though 15% faster at T=256), and except when the weights are
+asked for. Both paths compute the same function.
 """
 import math
 
