@@ -104,13 +104,13 @@ def train_job(cfg: DictConfig) -> float:
     module = TranslationModule(model, tokenizer, optim_cfg, data_info)
 
     checkpoint = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
-                                 save_last=True, enable_version_counter=False)
+                               save_last=True, enable_version_counter=False)
     throughput = TokenThroughput()
     callbacks = [checkpoint, throughput, EarlyStopping(MONITOR, mode="max", patience=cfg.patience)]
     if cfg.keep_last > 0:  # the newest N validations' weights, for `run.py average`
         callbacks.append(RunCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
-                                         mode="max", save_top_k=cfg.keep_last, save_weights_only=True,
-                                         auto_insert_metric_name=False, enable_version_counter=False))
+                                       mode="max", save_top_k=cfg.keep_last, save_weights_only=True,
+                                       auto_insert_metric_name=False, enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.pop("logger"):
         trainer_cfg["logger"] = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tensorboard")]
