@@ -5,11 +5,14 @@ Each system runs in its own process (so peak RSS is its own) on the small_parall
 (500 sentences). Our model is the trained checkpoint, and CTranslate2 runs the same trained weights
 (exported by bench/ct2_export.py), so their natural-length rows compare directly, BLEU included.
 Marian has the same shape but random weights, so only the *forced-length* rows (every system
-emits exactly --forced-len tokens per sentence) compare all three decoders.
+emits exactly --forced-len tokens per sentence) compare all three decoders. Every system runs at
+several batch sizes, and the ratios compare each one's fastest (Marian's generate() is not fastest
+at 64 sentences: 128 measured 25% faster at beam 5 bf16).
 
     python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url ../shared/data/small_parallel_enja]
 """
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -46,12 +49,13 @@ def run_ours(args, lines) -> list[dict]:
                 bleu = corpus_scores(hyps, refs[:len(lines)], translator.info["bleu_tokenize"])["bleu"]
                 rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
                                  seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
-            L = args.forced_len
-            start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
-            translator.translate(lines, beam_size=beam, max_tokens=args.budgets[-1], max_len_a=0,
-                                 max_len_b=L - 1, min_len=L - 1, precision=precision)
-            rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{args.budgets[-1]} tok",
-                             seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+            for max_tokens in args.budgets:
+                L = args.forced_len
+                start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
+                translator.translate(lines, beam_size=beam, max_tokens=max_tokens, max_len_a=0,
+                                     max_len_b=L - 1, min_len=L - 1, precision=precision)
+                rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{max_tokens} tok",
+                                 seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
 
 
@@ -73,8 +77,8 @@ def run_ctranslate2(args, lines) -> list[dict]:
         for compute_type in ("float32", "int8"):
             translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
                                                 inter_threads=1, intra_threads=torch.get_num_threads())
-            for name, beam in CASES:
-                budget, L = args.budgets[-1], args.forced_len
+            for (name, beam), budget in itertools.product(CASES, args.budgets):
+                L = args.forced_len
                 start = time.perf_counter()
                 out = translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens")
                 seconds = time.perf_counter() - start
@@ -107,21 +111,20 @@ def run_marian(args, lines) -> list[dict]:
     ids = [seq + [tokenizer.eos_id] for seq in tokenizer.encode(lines)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # the same length-sorting advantage as ours
     rows = []
-    for precision in ("bf16", "32"):
-        for name, beam in CASES:
-            L = args.forced_len
-            start = time.perf_counter()
-            for b in range(0, len(order), args.marian_batch):
-                batch = [ids[i] for i in order[b:b + args.marian_batch]]
-                src = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id)
-                for r, seq in enumerate(batch):
-                    src[r, :len(seq)] = torch.tensor(seq)
-                with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                                       else nullcontext()):
-                    marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), num_beams=beam,
-                                    do_sample=False, min_new_tokens=L, max_new_tokens=L)
-            rows.append(dict(system=f"Marian {precision}", case=f"{name} forced {L}", batch=f"{args.marian_batch} sent",
-                             seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+    for precision, (name, beam), batch_size in itertools.product(("bf16", "32"), CASES, args.marian_batches):
+        L = args.forced_len
+        start = time.perf_counter()
+        for b in range(0, len(order), batch_size):
+            batch = [ids[i] for i in order[b:b + batch_size]]
+            src = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id)
+            for r, seq in enumerate(batch):
+                src[r, :len(seq)] = torch.tensor(seq)
+            with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                                   else nullcontext()):
+                marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), num_beams=beam,
+                                do_sample=False, min_new_tokens=L, max_new_tokens=L)
+        rows.append(dict(system=f"Marian {precision}", case=f"{name} forced {L}", batch=f"{batch_size} sent",
+                         seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
 
 
@@ -129,8 +132,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data-url", default="../shared/data/small_parallel_enja")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096], help="our batch budgets (tokens)")
-    parser.add_argument("--marian-batch", type=int, default=64, help="sentences per generate() call")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096, 16384],
+                        help="batch budgets (tokens) of seq2seq and CTranslate2")
+    parser.add_argument("--marian-batches", type=int, nargs="+", default=[32, 64, 128, 256],
+                        help="sentences per generate() call; each system's best batch is the one compared")
     parser.add_argument("--forced-len", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="only the first N test sentences")
     parser.add_argument("--child", choices=["seq2seq", "marian", "ctranslate2"])
@@ -155,17 +160,24 @@ def main():
     print(f"{'system':<14} {'case':<18} {'batch':<10} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6} {'peak RSS MB':>12}")
     for r in rows:
         bleu = f"{r['bleu']:.2f}" if "bleu" in r else ""
-        print(f"{r['system']:<14} {r['case']:<18} {r['batch']:<10} {r['sentences'] / r['seconds']:>8.1f} "
+        print(f"{r['system']:<14} {r['case']:<18} {r['batch']:<10} {sentences_per_s(r):>8.1f} "
               f"{r['tokens'] / r['seconds']:>8.0f} {bleu:>6} {r['peak_rss_mb']:>12.0f}")
     print()
     for name, _ in CASES:
         for case in (f"{name} forced {args.forced_len}", name):
-            best = {peer: max((r["sentences"] / r["seconds"] for r in rows
-                               if r["case"] == case and r["system"].startswith(peer)), default=None)
-                    for peer in ("seq2seq", "Marian", "CT2 float32", "CT2 int8")}
-            print(f"{case}: best seq2seq / " + ", ".join(f"{peer} = {best['seq2seq'] / speed:.2f}x"
-                                                      for peer, speed in best.items() if peer != "seq2seq" and speed))
+            best = {}  # each system's fastest precision and batch size for this case
+            for peer in ("seq2seq", "Marian", "CT2 float32", "CT2 int8"):
+                candidates = [r for r in rows if r["case"] == case and r["system"].startswith(peer)]
+                if candidates:
+                    best[peer] = max(candidates, key=sentences_per_s)
+            ours = best.pop("seq2seq")
+            print(f"{case}: best seq2seq ({ours['system']}, {ours['batch']}) / " + ", ".join(
+                f"{peer} ({r['system']}, {r['batch']}) = {sentences_per_s(ours) / sentences_per_s(r):.2f}x"
+                for peer, r in best.items()))
 
+
+def sentences_per_s(row: dict) -> float:
+    return row["sentences"] / row["seconds"]
 
 if __name__ == "__main__":
     main()
