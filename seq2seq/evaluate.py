@@ -3,6 +3,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
@@ -22,11 +24,24 @@ def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
     return clean_corpus({"test": load_corpus(data_cfg)["test"]}, data_cfg.normalize)["test"]
 
 
+def hypotheses_path(cfg: DictConfig, tgt_lang: str) -> Path:
+    """output=, else <ckpt>.<split>.hyp.<lang> beside the checkpoint (dev.en -> best.ckpt.dev.hyp.ja).
+
+    In a sweep (`evaluate -m alpha=0.6,2.0`) each job writes into its own directory under
+    hydra.sweep.dir instead, so that one setting's hypotheses and report do not overwrite another's.
+    """
+    if cfg.output:
+        return Path(cfg.output)
+    name = f"{Path(cfg.ckpt).name}.{'test' if cfg.src is None else Path(cfg.src).stem}.hyp.{tgt_lang}"
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir) / name
+    return Path(cfg.ckpt).with_name(name)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
     translator = Translator.from_checkpoint(cfg.ckpt)
-    split = "test" if cfg.src is None else Path(cfg.src).stem  # dev.en -> best.ckpt.dev.hyp.ja
-    hyp_path = Path(cfg.output or f"{cfg.ckpt}.{split}.hyp.{translator.info['tgt_lang']}")
+    hyp_path = hypotheses_path(cfg, translator.info["tgt_lang"])
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
     hyps = [h[0][0] for h in translator.translate(src, search, progress=cfg.progress)]

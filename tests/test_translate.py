@@ -80,6 +80,20 @@ def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
     assert json.loads((tmp_path / "test.ja.json").read_text())["sentences"] == 200
 
 
+def test_evaluate_sweep_keeps_every_jobs_output(smoke_run, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    (tmp_path / "dev.en").write_text("The cat eats the fish.\nThe dog reads the book.\n")
+    (tmp_path / "dev.ja").write_text("猫は魚を食べます。\n犬は本を読みます。\n")
+    proc = run_py("evaluate", "-m", f"ckpt={ckpt}", f"src={tmp_path}/dev.en", f"ref={tmp_path}/dev.ja",
+                  "beam_size=2", "alpha=0.6,2.0", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert proc.returncode == 0, proc.stderr
+    reports = [json.loads((tmp_path / "sweep" / str(job) / "best.ckpt.dev.hyp.ja.json").read_text())
+               for job in (0, 1)]  # one per job: the second did not overwrite the first
+    assert [r["search"]["alpha"] for r in reports] == [0.6, 2.0]
+    assert all(len(open(r["hypotheses"]).read().splitlines()) == 2 for r in reports)
+    assert not (smoke_run / "checkpoints" / "best.ckpt.dev.hyp.ja").exists()
+
+
 def test_average_checkpoints(smoke_run, tmp_path):
     best, last = smoke_run / "checkpoints" / "step000075.ckpt", smoke_run / "checkpoints" / "step000150.ckpt"
     proc = run_py("average", f"ckpts=[{best},{last}]", f"output={tmp_path}/avg.ckpt")
