@@ -7,7 +7,7 @@ Each system runs in its own process (so peak RSS is its own) on the small_parall
 Marian has the same shape but random weights, so only the *forced-length* rows (every system
 emits exactly --forced-len tokens per sentence) compare all three decoders. Every system runs at
 several batch sizes, and the ratios compare each one's fastest (Marian's generate() is not fastest
-at 64 sentences: 128 measured 25% faster at beam 5 bf16).
+at 64 sentences: 128 measured 24% faster at beam 5 bf16 in one run).
 
     python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url ../shared/data/small_parallel_enja]
 """
@@ -34,7 +34,7 @@ def run_ours(args, lines) -> list[dict]:
     from seq2seq.metrics import corpus_scores
     from seq2seq.translate import Translator
 
-    rows = []
+    rows, L = [], args.forced_len
     translator = Translator.from_checkpoint(args.ckpt)
     refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
     for precision in ("bf16", "32"):
@@ -50,7 +50,6 @@ def run_ours(args, lines) -> list[dict]:
                 rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
                                  seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
             for max_tokens in args.budgets:
-                L = args.forced_len
                 start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
                 translator.translate(lines, beam_size=beam, max_tokens=max_tokens, max_len_a=0,
                                      max_len_b=L - 1, min_len=L - 1, precision=precision)
@@ -74,11 +73,11 @@ def run_ctranslate2(args, lines) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
         export(args.ckpt, model_dir)
+        L = args.forced_len
         for compute_type in ("float32", "int8"):
             translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
                                                 inter_threads=1, intra_threads=torch.get_num_threads())
             for (name, beam), budget in itertools.product(CASES, args.budgets):
-                L = args.forced_len
                 start = time.perf_counter()
                 out = translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens")
                 seconds = time.perf_counter() - start
@@ -111,8 +110,8 @@ def run_marian(args, lines) -> list[dict]:
     ids = [seq + [tokenizer.eos_id] for seq in tokenizer.encode(lines)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # the same length-sorting advantage as ours
     rows = []
+    L = args.forced_len
     for precision, (name, beam), batch_size in itertools.product(("bf16", "32"), CASES, args.marian_batches):
-        L = args.forced_len
         start = time.perf_counter()
         for b in range(0, len(order), batch_size):
             batch = [ids[i] for i in order[b:b + batch_size]]
@@ -178,6 +177,7 @@ def main():
 
 def sentences_per_s(row: dict) -> float:
     return row["sentences"] / row["seconds"]
+
 
 if __name__ == "__main__":
     main()
