@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import ctranslate2
+import torch
 from ctranslate2.specs import common_spec, transformer_spec
 
 from seq2seq.checkpoint import load_model
@@ -22,6 +23,11 @@ def set_linear(spec, weight, bias=None) -> None:
     spec.weight = weight.detach().float().numpy()
     if bias is not None:
         spec.bias = bias.detach().float().numpy()
+
+
+def stacked_qkv(attn) -> tuple:
+    """CTranslate2's fused self-attention projection: W_Q over W_K, W_V (and their biases)."""
+    return (torch.cat([attn.q_proj.weight, attn.kv_proj.weight]), torch.cat([attn.q_proj.bias, attn.kv_proj.bias]))
 
 
 def set_norm(spec, norm) -> None:
@@ -37,7 +43,7 @@ def set_stack_common(spec, model) -> None:
 
 def export(ckpt: str, out_dir: str) -> None:
     model, tokenizer, _ = load_model(ckpt)
-    cfg, D = model.cfg, model.cfg.d_model
+    cfg = model.cfg
     if not cfg.pre_norm:
         sys.exit("only pre-norm models are exported")
     spec = transformer_spec.TransformerSpec.from_config((cfg.n_enc_layers, cfg.n_dec_layers), cfg.n_heads,
@@ -45,7 +51,7 @@ def export(ckpt: str, out_dir: str) -> None:
     set_stack_common(spec.encoder, model)
     set_norm(spec.encoder.layer_norm, model.encoder_norm)
     for layer_spec, layer in zip(spec.encoder.layer, model.encoder_layers):
-        set_linear(layer_spec.self_attention.linear[0], layer.self_attn.in_proj.weight, layer.self_attn.in_proj.bias)
+        set_linear(layer_spec.self_attention.linear[0], *stacked_qkv(layer.self_attn))
         set_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias)
         set_norm(layer_spec.self_attention.layer_norm, layer.sublayers[0].norm)
         set_linear(layer_spec.ffn.linear_0, layer.ffn[0].weight, layer.ffn[0].bias)
@@ -56,11 +62,11 @@ def export(ckpt: str, out_dir: str) -> None:
     set_linear(spec.decoder.projection, model.embed.weight)
     for layer_spec, layer in zip(spec.decoder.layer, model.decoder_layers):
         attn, cross = layer.self_attn, layer.cross_attn
-        set_linear(layer_spec.self_attention.linear[0], attn.in_proj.weight, attn.in_proj.bias)
+        set_linear(layer_spec.self_attention.linear[0], *stacked_qkv(attn))
         set_linear(layer_spec.self_attention.linear[1], attn.out_proj.weight, attn.out_proj.bias)
         set_norm(layer_spec.self_attention.layer_norm, layer.sublayers[0].norm)
-        set_linear(layer_spec.attention.linear[0], cross.in_proj.weight[:D], cross.in_proj.bias[:D])  # W_Q
-        set_linear(layer_spec.attention.linear[1], cross.in_proj.weight[D:], cross.in_proj.bias[D:])  # W_K, W_V
+        set_linear(layer_spec.attention.linear[0], cross.q_proj.weight, cross.q_proj.bias)  # W_Q
+        set_linear(layer_spec.attention.linear[1], cross.kv_proj.weight, cross.kv_proj.bias)  # W_K, W_V
         set_linear(layer_spec.attention.linear[2], cross.out_proj.weight, cross.out_proj.bias)
         set_norm(layer_spec.attention.layer_norm, layer.sublayers[1].norm)
         set_linear(layer_spec.ffn.linear_0, layer.ffn[0].weight, layer.ffn[0].bias)

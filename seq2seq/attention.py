@@ -92,10 +92,18 @@ class MultiHeadAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.d_model, self.n_heads = d_model, n_heads
-        self.in_proj = nn.Linear(d_model, 3 * d_model)  # W_Q, W_K, W_V stacked: one matmul for self-attention
+        self.q_proj = nn.Linear(d_model, d_model)  # W_Q: queries, always from the sequence being updated
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)  # W_K, W_V stacked: from x (self) or the memory (cross)
         self.out_proj = nn.Linear(d_model, d_model)  # W_O
         self.store_weights = False
         self.weights: torch.Tensor | None = None
+
+    def reset_projections(self) -> None:
+        """W_Q, W_K, W_V drawn as one stacked (3D, D) Xavier matrix, as nn.MultiheadAttention draws them."""
+        stacked = nn.init.xavier_uniform_(torch.empty(3 * self.d_model, self.d_model))
+        with torch.no_grad():
+            self.q_proj.weight.copy_(stacked[:self.d_model])
+            self.kv_proj.weight.copy_(stacked[self.d_model:])
 
     def self_attention(self, x: torch.Tensor, key_pad_mask: torch.Tensor | None = None,
                        causal: bool = False, cache: KVCache | None = None) -> torch.Tensor:
@@ -104,7 +112,8 @@ class MultiHeadAttention(nn.Module):
         With a `cache` (incremental decoding), x holds only the new positions: their keys and values
         are appended to the cached ones (B, H, S_past, d_head), so earlier positions are never projected again.
         """
-        query, key, value = (self.split_heads(t) for t in self.in_proj(x).chunk(3, dim=-1))  # (B, H, T, d_head)
+        query = self.split_heads(self.q_proj(x))  # (B, H, T, d_head)
+        key, value = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # keys and values from x too
         if cache is not None:
             key, value = cache.append(key, value)  # (B, H, S_past + T, d_head)
         return self.out_proj(self.merge_heads(self.attend(query, key, value, key_pad_mask, causal)))
@@ -120,8 +129,7 @@ class MultiHeadAttention(nn.Module):
         """
         B, T = memory.size(0), x.size(1)
         G = x.size(0) // B  # queries per memory row
-        query = F.linear(x, self.in_proj.weight[:self.d_model], self.in_proj.bias[:self.d_model])
-        query = self.split_heads(query.reshape(B, G * T, self.d_model))  # (B, H, G*T, d_head)
+        query = self.split_heads(self.q_proj(x).reshape(B, G * T, self.d_model))  # (B, H, G*T, d_head)
         if cache is not None and "key" in cache:
             key, value = cache["key"], cache["value"]
         else:
@@ -134,8 +142,16 @@ class MultiHeadAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, S, d_head) each, from the encoder output memory (B, S, D); contiguous,
         so that every decoding step reads them without a copy."""
-        kv = F.linear(memory, self.in_proj.weight[self.d_model:], self.in_proj.bias[self.d_model:])
-        return tuple(self.split_heads(t).contiguous() for t in kv.chunk(2, dim=-1))
+        return tuple(self.split_heads(t).contiguous() for t in self.kv_proj(memory).chunk(2, dim=-1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before W_Q was split from W_K, W_V kept one stacked `in_proj`: split it."""
+        for kind in ("weight", "bias"):
+            stacked = state_dict.pop(f"{prefix}in_proj.{kind}", None)
+            if stacked is not None:
+                state_dict[f"{prefix}q_proj.{kind}"], state_dict[f"{prefix}kv_proj.{kind}"] = \
+                    stacked[:self.d_model], stacked[self.d_model:]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def attend(self, query, key, value, key_pad_mask, causal: bool) -> torch.Tensor:
         """Scaled dot-product attention of every head at once.

@@ -142,7 +142,9 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if p.dim() > 1 and not name.startswith("embed"):
+            if name.endswith("q_proj.weight"):  # draws W_K, W_V too, in this same place in the random stream
+                self.get_submodule(name.removesuffix(".q_proj.weight")).reset_projections()
+            elif p.dim() > 1 and not name.startswith("embed") and not name.endswith("kv_proj.weight"):
                 nn.init.xavier_uniform_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

@@ -47,8 +47,9 @@ def test_weights_equal_a_reference_from_queries_and_keys(tiny_model, tokenizer):
         x = tiny_model.embed_tokens(torch.tensor([src_ids]))[0]  # (S, D)
         h = layer.sublayers[0].norm(x)  # pre-norm: attention reads the normalized stream
         D, H = tiny_model.cfg.d_model, tiny_model.cfg.n_heads
-        W, b = layer.self_attn.in_proj.weight, layer.self_attn.in_proj.bias
-        query, key = h @ W[:D].t() + b[:D], h @ W[D:2 * D].t() + b[D:2 * D]  # (S, D) each
+        attn = layer.self_attn
+        query = h @ attn.q_proj.weight.t() + attn.q_proj.bias  # (S, D)
+        key = h @ attn.kv_proj.weight[:D].t() + attn.kv_proj.bias[:D]  # (S, D)
         d = D // H
         for head in range(H):
             q, k = query[:, head * d:(head + 1) * d], key[:, head * d:(head + 1) * d]
