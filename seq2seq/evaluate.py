@@ -40,7 +40,7 @@ def hypotheses_path(cfg: DictConfig, tgt_lang: str) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
-    translator = Translator.from_checkpoint(cfg.ckpt)
+    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
     hyp_path = hypotheses_path(cfg, translator.info["tgt_lang"])
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)

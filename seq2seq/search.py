@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seq2seq import Seq2SeqError
+from seq2seq.hardware import precision_name
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -21,7 +23,8 @@ class SearchConfig:
     max_len_a: float = 1.5  # at most a * (source length) + b tokens before eos
     max_len_b: int = 10
     max_tokens: int = 4096  # batch budget in padded source tokens (translate, evaluate)
-    precision: str = "bf16"  # bf16 (autocast: several times the fp32 matmul rate on CPUs with bf16) or 32
+    precision: str | int = "auto"  # auto, 32, bf16, 16 or int8 (seq2seq/hardware.py); Hydra reads 32 as an int
+    device: str = "auto"  # auto (the CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N
 
     def __post_init__(self):
         for name in ("beam_size", "nbest", "max_tokens"):
@@ -32,8 +35,10 @@ class SearchConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         if self.nbest > self.beam_size:
             raise ValueError(f"nbest={self.nbest} exceeds beam_size={self.beam_size}: a beam keeps only that many")
-        if self.precision not in ("bf16", "32"):
-            raise ValueError(f"precision={self.precision}: expected bf16 or 32")
+        try:
+            self.precision = precision_name(self.precision)
+        except Seq2SeqError as e:
+            raise ValueError(str(e)) from None
 
 
 def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: float, max_len_b: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import logging
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -16,6 +16,8 @@ from seq2seq.checkpoint import load_model
 from seq2seq.config import build_config
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
+from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
+from seq2seq.int8 import Int8Transformer
 from seq2seq.search import SearchConfig, beam_search
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
@@ -23,14 +25,41 @@ log = logging.getLogger(__name__)
 
 
 class Translator:
-    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`."""
+    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`.
 
-    def __init__(self, model, tokenizer, info: dict):
-        self.model, self.tokenizer, self.info = model.eval(), tokenizer, info
+    The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
+    with another `device=` moves it there. `precision` is decided per call (`auto`: seq2seq/hardware.py);
+    int8 decodes with an int8 copy of the model, made at its first use and kept.
+    """
+
+    def __init__(self, model, tokenizer, info: dict, device: str = SearchConfig.device):
+        self.tokenizer, self.info = tokenizer, info
+        self.device = resolve_device(device, this_machine())
+        self.model = model.eval().to(self.device)
+        self.int8_model: Int8Transformer | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "Translator":
-        return cls(*load_model(path))
+    def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
+        return cls(*load_model(path), device=device)
+
+    @contextmanager
+    def decoding(self, search: SearchConfig):
+        """The model to decode with, inside the autocast its precision asks for: on `search.device` (`auto`:
+        where the model is), at `search.precision` (`auto`: what this device does fastest, logged once)."""
+        if search.device != "auto":
+            self.device = resolve_device(search.device, this_machine())
+            self.model.to(self.device)
+        precision, reason = choose_precision(search.precision, self.device.type, training=False,
+                                             machine=this_machine())
+        log_choice("decoding", precision, reason)
+        if precision == "int8":
+            self.int8_model = self.int8_model or Int8Transformer(self.model)
+            yield self.int8_model
+        elif precision in AUTOCAST_DTYPE:
+            with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
+                yield self.model
+        else:
+            yield self.model
 
     def encode(self, lines: list[str]) -> list[list[int]]:
         """Clean as training did, encode, and cut lines the model cannot take (with a warning naming them)."""
@@ -45,8 +74,8 @@ class Translator:
                   **settings) -> list[list[tuple[str, float]]]:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
 
-        `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`, ...),
-        which override it.
+        `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`,
+        `device="cpu"`, ...), which override it.
         """
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(lines)
@@ -56,15 +85,15 @@ class Translator:
         batches = TokenBatchSampler(LengthOrderSampler(sizes[todo], shuffle=False, seed=0),
                                     max(search.max_tokens, int(sizes.max(initial=1))))
         bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, unit="line")
-        for batch in batches:
-            rows = [todo[i] for i in batch]
-            src = pad_batch([ids[r] for r in rows])
-            with torch.autocast("cpu", dtype=torch.bfloat16) if search.precision == "bf16" else nullcontext():
-                hyps = beam_search(self.model, src, self.model.pad_mask(src), search)
-            for r, sentence_hyps in zip(rows, hyps):
-                texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
-                out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
-            bar.update(len(rows))
+        with self.decoding(search) as model:
+            for batch in batches:
+                rows = [todo[i] for i in batch]
+                src = pad_batch([ids[r] for r in rows]).to(model.embed.weight.device)
+                hyps = beam_search(model, src, model.pad_mask(src), search)
+                for r, sentence_hyps in zip(rows, hyps):
+                    texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
+                    out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
+                bar.update(len(rows))
         bar.close()
         return out
 
@@ -138,7 +167,7 @@ def translate(cfg: DictConfig) -> None:
         raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
     check_output(str(cfg.output), str(cfg.input))
     lines = read_input(str(cfg.input), cfg.errors)
-    results = Translator.from_checkpoint(cfg.ckpt).translate(lines, search, progress=cfg.progress)
+    results = Translator.from_checkpoint(cfg.ckpt, device=search.device).translate(lines, search, progress=cfg.progress)
     if search.nbest > 1:
         text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
     else:

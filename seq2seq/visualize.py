@@ -54,8 +54,9 @@ def capture_weights(model: Transformer):
 def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int]) -> AttentionMaps:
     """Run the pair through encode/decode once and collect the weights of every layer and head."""
     model.eval()
-    src = torch.tensor([src_ids + [EOS_ID]])  # (1, S)
-    tgt_in = torch.tensor([[BOS_ID] + tgt_ids])  # (1, T)
+    device = model.embed.weight.device
+    src = torch.tensor([src_ids + [EOS_ID]], device=device)  # (1, S)
+    tgt_in = torch.tensor([[BOS_ID] + tgt_ids], device=device)  # (1, T)
     src_pad_mask = model.pad_mask(src)
     with capture_weights(model):
         memory = model.encode(src, src_pad_mask)
@@ -64,7 +65,8 @@ def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int],
         decoder = torch.stack([layer.self_attn.weights[0] for layer in model.decoder_layers])  # (L, H, T, T)
         cross = torch.stack([layer.cross_attn.weights[0] for layer in model.decoder_layers])  # (L, H, T, S)
     src, tgt = tokenizer.pieces(src_ids), tokenizer.pieces(tgt_ids)
-    return AttentionMaps(src + ["</s>"], ["<s>"] + tgt, tgt + ["</s>"], encoder.float(), decoder.float(), cross.float())
+    return AttentionMaps(src + ["</s>"], ["<s>"] + tgt, tgt + ["</s>"], encoder.float().cpu(), decoder.float().cpu(),
+                         cross.float().cpu())
 
 
 def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path,
@@ -118,12 +120,12 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 
 
 def visualize(cfg: DictConfig) -> AttentionMaps:
-    from seq2seq.checkpoint import load_model
     from seq2seq.search import beam_search
-    from seq2seq.translate import search_config
+    from seq2seq.translate import Translator, search_config
 
     search = search_config(cfg)
-    model, tokenizer, info = load_model(cfg.ckpt)
+    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    model, tokenizer, info = translator.model, translator.tokenizer, translator.info
     text = clean_line(str(cfg.text), info["normalize"])
     if not text:
         raise Seq2SeqError("text is empty: give a sentence, text=\"The cat sat on the mat.\"")
@@ -132,8 +134,9 @@ def visualize(cfg: DictConfig) -> AttentionMaps:
     if cfg.target is not None:
         tgt_ids = tokenizer.encode([clean_line(str(cfg.target), info["normalize"])])[0][:limit]
     else:
-        src = torch.tensor([src_ids + [EOS_ID]])
-        tgt_ids = beam_search(model, src, model.pad_mask(src), search)[0][0][0]
+        with translator.decoding(search) as decoder:  # the translation `translate` gives, same settings
+            src = torch.tensor([src_ids + [EOS_ID]], device=decoder.embed.weight.device)
+            tgt_ids = beam_search(decoder, src, decoder.pad_mask(src), search)[0][0][0]
     maps = attention_maps(model, tokenizer, src_ids, tgt_ids)
     if cfg.format == "text":
         print(f"source: {' '.join(maps.src_tokens)}\ntarget: {' '.join(maps.tgt_out)}")

@@ -54,6 +54,11 @@ def tiny_model(tokenizer) -> Transformer:
     return Transformer(cfg).eval()
 
 
+def messages(stderr: str) -> list[str]:
+    """stderr without the [INFO] log lines (the precision chosen and why): the warnings and errors."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("[INFO]")]
+
+
 def run_py(*args, timeout=900, **kw):
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kw)

@@ -65,7 +65,7 @@ def test_missing_mandatory_value_is_one_line():
     ("translate", "beam_size=abc", "error: beam_size='abc': expected int"),
     ("translate", "nbest=9", "error: bad search config: nbest=9 exceeds beam_size=5"),
     ("evaluate", "alpha=-1", "error: bad search config: alpha=-1 must not be negative"),
-    ("visualize", "precision=fp16", "error: bad search config: precision=fp16: expected bf16 or 32"),
+    ("visualize", "precision=fp16", "error: bad search config: precision=fp16: expected one of auto, 32, bf16, 16, int8"),
 ])
 def test_bad_search_settings_are_one_line_before_the_checkpoint_is_read(command, override, message, tmp_path):
     """The search defaults come from SearchConfig (run.py hands them to Hydra); a bad value is caught

@@ -147,7 +147,7 @@ def test_min_len_and_max_len_bound_the_output(tiny_model):
     (dict(beam_size=0), "beam_size=0 must be at least 1"),
     (dict(beam_size=2, nbest=3), "nbest=3 exceeds beam_size=2"),
     (dict(max_len_a=-1.0), "max_len_a=-1.0 must not be negative"),
-    (dict(precision="fp16"), "precision=fp16: expected bf16 or 32"),
+    (dict(precision="fp16"), "precision=fp16: expected one of auto, 32, bf16, 16, int8"),
 ])
 def test_impossible_search_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,198 @@
+"""What this machine offers, and the precision and device chosen from it: the one place `auto` is decided.
+
+One vocabulary of precision names for training and decoding:
+  32    float32
+  bf16  bfloat16 autocast (Lightning's bf16-mixed)
+  16    float16 autocast, with a gradient scaler in training (Lightning's 16-mixed; CUDA only)
+  int8  int8 linear layers, activations quantized on the fly (decoding on a CPU only)
+  auto  decided by `choose_precision` from what the hardware does natively, and logged with the reason
+
+Why: on a CPU without native bfloat16 (AVX2, or AVX-512 without its BF16 extension) a bf16 matmul is
+emulated and measured 44-300x slower than fp32; with AVX512-BF16 or AMX it is 4-7x faster. So the
+choice is the machine's, made at run time, never a constant tuned on whichever machine we had.
+"""
+import functools
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from seq2seq import Seq2SeqError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32", "bf16", "16", "int8")
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16}  # 32 and int8 run without autocast
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The facts the choices depend on; `probe_machine()` reads them, tests fake them."""
+
+    cpu_model: str
+    cpu_isa: str  # the best of AMX, AVX512-BF16, AVX-512, AVX2, or torch's own word for it
+    cpu_native_bf16: bool  # AVX512-BF16 or AMX: bf16 matmuls at several times the fp32 rate
+    threads: int
+    cuda: bool
+    cuda_bf16: bool
+    gpu: str  # the CUDA device's name, "" without one
+
+    def describe(self) -> str:
+        gpu = f"GPU {self.gpu} (bf16: {'yes' if self.cuda_bf16 else 'no'})" if self.cuda else "no GPU"
+        return f"CPU {self.cpu_model} ({self.cpu_isa}), {self.threads} threads, {gpu}, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> tuple[str, bool]:
+    """(the best matmul ISA torch can use here, whether bf16 is native)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX", True
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16", True
+    if torch.cpu._is_avx512_supported():
+        return "AVX-512", False
+    if torch.cpu._is_avx2_supported():
+        return "AVX2", False
+    return torch.backends.cpu.get_cpu_capability(), False
+
+
+def probe_machine() -> Machine:
+    isa, native_bf16 = cpu_isa()
+    cuda = torch.cuda.is_available()
+    return Machine(cpu_model=cpu_model(), cpu_isa=isa, cpu_native_bf16=native_bf16, threads=torch.get_num_threads(),
+                   cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+                   gpu=torch.cuda.get_device_name() if cuda else "")
+
+
+def precision_name(value) -> str:
+    """Our name for a precision given in either vocabulary: 32, "32", "32-true" -> "32"; "bf16-mixed" -> "bf16"."""
+    name = str(value)
+    for ours, lightnings in LIGHTNING_PRECISION.items():
+        if name == lightnings:
+            return ours
+    if name not in PRECISIONS:
+        raise Seq2SeqError(f"precision={value}: expected one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def choose_precision(requested, device: str, training: bool, machine: Machine) -> tuple[str, str]:
+    """The precision to run at, and why: `auto` decided from the hardware; an explicit choice checked.
+
+    Args: requested in either vocabulary (`precision_name`); device "cpu" or "cuda" (the accelerator's type);
+    training: True for `run.py train` (int8 is for decoding only).
+    Returns: (one of 32, bf16, 16, int8; a reason to log).
+    """
+    name = precision_name(requested)
+    if name == "int8" and (training or device != "cpu"):
+        raise Seq2SeqError("precision=int8 is for decoding on a CPU; use 32, bf16 or auto "
+                           f"for {'training' if training else 'a GPU'}")
+    if name == "16" and device == "cpu":
+        raise Seq2SeqError("precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); use auto, 32 or bf16")
+    if name != "auto":
+        if name == "bf16" and device == "cpu" and not machine.cpu_native_bf16:
+            return name, (f"as asked, though this CPU has no native bf16 ({machine.cpu_isa}): "
+                          "expect it to be many times slower than precision=32")
+        return name, "as asked"
+    if device == "cuda":
+        if machine.cuda_bf16:
+            return "bf16", f"{machine.gpu or 'this GPU'} computes in bf16 natively"
+        return "16", f"{machine.gpu or 'this GPU'} has no bf16: float16 with a gradient scaler"
+    if training:
+        if machine.cpu_native_bf16:
+            return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
+        return "32", f"this CPU has no native bf16 ({machine.cpu_isa})"
+    if machine.cpu_isa == "AMX":  # AMX tiles: bf16 decoding measured fastest there (docs/benchmarks.md)
+        return "bf16", "this CPU has AMX bf16 tiles"
+    if machine.cpu_native_bf16:  # measured: int8 3-8% faster than bf16, BLEU within 0.4 of fp32
+        return "int8", f"int8 linear layers decode at least as fast as bf16 on this CPU ({machine.cpu_isa})"
+    return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
+
+
+def training_precision(requested, accelerator: str, machine: Machine) -> str:
+    """Lightning's name for the precision to train at on `accelerator` (cpu, gpu, cuda, auto), logged with why."""
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.cuda)
+    precision, reason = choose_precision(requested, "cuda" if cuda else "cpu", training=True, machine=machine)
+    log_choice("training", precision, reason)
+    return LIGHTNING_PRECISION[precision]
+
+
+def resolve_device(device: str, machine: Machine) -> torch.device:
+    """`auto`: the CUDA GPU when there is one, else the CPU; `cpu`, `cuda`, `cuda:N` as given, checked."""
+    if device == "auto":
+        return torch.device("cuda" if machine.cuda else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise Seq2SeqError(f"device={device}: expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise Seq2SeqError(f"device={device}: expected auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not machine.cuda:
+            raise Seq2SeqError(f"device={device}: this machine has no CUDA GPU that torch {torch.__version__} "
+                               "can use; use device=cpu or device=auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise Seq2SeqError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
+
+
+@functools.cache
+def this_machine() -> Machine:
+    """`probe_machine()`, once per process."""
+    return probe_machine()
+
+
+_LOGGED: set = set()
+
+
+def log_choice(what: str, precision: str, reason: str) -> None:
+    """Log a choice once per process (a Translator decodes many batches; sweeps train many runs)."""
+    key = (what, precision, reason)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("%s precision %s: %s", what, precision, reason)
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 2.0) -> float:
+    """GFLOP/s of square matmuls of this dtype, the machine's practical peak: n grows from 256 to at most
+    4096 while one product takes under `seconds` / 10, so an emulated dtype (bf16 on AVX2: 0.3 GFLOP/s)
+    is measured in about a second instead of hours."""
+    n, per_product = 256, 0.0
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        a @ b  # warm-up
+        reps = 3 if per_product == 0 else max(3, min(50, int(seconds / per_product / 8)))
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        per_product = (time.perf_counter() - start) / reps
+        if n >= 4096 or per_product * 8 * 10 > seconds:  # the next size would take too long: this one stands
+            return 2 * n ** 3 / per_product / 1e9
+        n *= 2
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine_report(machine: Machine, device: str = "cpu") -> str:
+    """What a benchmark prints first: the machine, its ISA, threads, GPU, and measured matmul peaks."""
+    peaks = {name: matmul_peak(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    where = "GPU" if str(device).startswith("cuda") else "CPU"
+    return (f"machine: {machine.describe()}\n"
+            f"{where} matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s")

@@ -1,0 +1,158 @@
+"""The precision and device chosen from the hardware (its answers faked), and int8 decoding against fp32."""
+import pytest
+import sacrebleu
+import torch
+
+from seq2seq import Seq2SeqError
+from seq2seq.hardware import Machine, choose_precision, precision_name, resolve_device, training_precision
+from seq2seq.int8 import Int8Transformer
+from seq2seq.model import Transformer
+from seq2seq.search import SearchConfig, beam_search
+from seq2seq.translate import Translator
+from tests.conftest import run_py
+
+AVX2 = Machine("AMD EPYC", "AVX2", cpu_native_bf16=False, threads=2, cuda=False, cuda_bf16=False, gpu="")
+AVX512 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=2, cuda=False, cuda_bf16=False, gpu="")
+ZEN5 = Machine("AMD EPYC", "AVX512-BF16", cpu_native_bf16=True, threads=2, cuda=False, cuda_bf16=False, gpu="")
+AMX = Machine("Intel Xeon", "AMX", cpu_native_bf16=True, threads=2, cuda=False, cuda_bf16=False, gpu="")
+H200 = Machine("Intel Xeon", "AMX", cpu_native_bf16=True, threads=16, cuda=True, cuda_bf16=True, gpu="NVIDIA H200")
+T4 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=4, cuda=True, cuda_bf16=False, gpu="Tesla T4")
+
+
+@pytest.mark.parametrize("machine, device, training_choice, decoding_choice", [
+    (AVX2, "cpu", "32", "int8"),
+    (AVX512, "cpu", "32", "int8"),
+    (ZEN5, "cpu", "bf16", "int8"),
+    (AMX, "cpu", "bf16", "bf16"),
+    (H200, "cuda", "bf16", "bf16"),
+    (T4, "cuda", "16", "16"),
+])
+def test_auto_follows_the_hardware(machine, device, training_choice, decoding_choice):
+    for training, expected in ((True, training_choice), (False, decoding_choice)):
+        precision, reason = choose_precision("auto", device, training, machine)
+        assert precision == expected
+        assert reason  # logged with the choice
+
+
+def test_the_reason_names_what_the_cpu_lacks():
+    assert choose_precision("auto", "cpu", True, AVX2) == ("32", "this CPU has no native bf16 (AVX2)")
+
+
+@pytest.mark.parametrize("requested", ["32", 32, "32-true", "bf16", "bf16-mixed"])
+def test_explicit_choices_win_over_auto(requested):
+    for machine in (AVX2, AMX):
+        assert choose_precision(requested, "cpu", True, machine)[0] == precision_name(requested)
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_runs_but_says_so():
+    precision, reason = choose_precision("bf16", "cpu", True, AVX2)
+    assert precision == "bf16" and "no native bf16" in reason
+
+
+@pytest.mark.parametrize("requested, device, training, message", [
+    ("int8", "cpu", True, "precision=int8 is for decoding on a CPU"),
+    ("int8", "cuda", False, "precision=int8 is for decoding on a CPU"),
+    ("16", "cpu", False, "precision=16 needs a CUDA GPU"),
+    ("16-mixed", "cpu", True, "precision=16 needs a CUDA GPU"),
+    ("fp16", "cuda", True, "precision=fp16: expected one of auto, 32, bf16, 16, int8"),
+])
+def test_impossible_choices_are_one_line(requested, device, training, message):
+    with pytest.raises(Seq2SeqError, match=message):
+        choose_precision(requested, device, training, H200)
+
+
+def test_training_precision_speaks_lightnings_names():
+    assert training_precision("auto", "cpu", AVX2) == "32-true"
+    assert training_precision("auto", "cpu", AMX) == "bf16-mixed"
+    assert training_precision("auto", "gpu", T4) == "16-mixed"
+    assert training_precision("auto", "auto", H200) == "bf16-mixed"
+    assert training_precision(32, "gpu", H200) == "32-true"
+
+
+def test_devices():
+    assert resolve_device("auto", AMX) == torch.device("cpu")
+    assert resolve_device("cpu", H200) == torch.device("cpu")
+    with pytest.raises(Seq2SeqError, match="device=cuda: this machine has no CUDA GPU"):
+        resolve_device("cuda", AMX)
+    with pytest.raises(Seq2SeqError, match="device=tpu: expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu", AMX)
+
+
+def test_int8_model_is_close_to_fp32(tiny_model):
+    torch.manual_seed(0)
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (3, 7))
+    tgt = torch.randint(4, tiny_model.cfg.vocab_size, (3, 5))
+    int8 = Int8Transformer(tiny_model)
+    with torch.no_grad():
+        ref, low = tiny_model(src, tgt), int8(src, tgt)
+    assert (ref - low).abs().max() < 0.05 * ref.abs().max()
+    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in int8.modules())
+    assert tiny_model.encoder_layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original untouched
+
+
+def test_int8_beam_search_runs_with_the_kv_cache(tiny_model):
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (4, 6))
+    search = SearchConfig(beam_size=3, nbest=2, max_len_a=0, max_len_b=6)
+    out = beam_search(Int8Transformer(tiny_model), src, tiny_model.pad_mask(src), search)
+    assert len(out) == 4 and all(len(hyps) == 2 for hyps in out)
+
+
+def test_int8_translations_are_close_to_fp32(smoke_run, demo_corpus):
+    """On the trained smoke model: most lines the same length within one token, and BLEU within a bound."""
+    translator = Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt", device="cpu")
+    src = demo_corpus["test"][0][:100]
+    fp32 = [h[0][0] for h in translator.translate(src, beam_size=3, precision="32")]
+    int8 = [h[0][0] for h in translator.translate(src, beam_size=3, precision="int8")]
+    lengths = translator.tokenizer.encode(fp32), translator.tokenizer.encode(int8)
+    assert sum(abs(len(a) - len(b)) <= 1 for a, b in zip(*lengths)) >= 0.9 * len(src)
+    assert sacrebleu.corpus_bleu(int8, [fp32], tokenize="char").score > 90  # int8 against fp32 as reference
+
+
+def test_cli_takes_precision_32_and_bf16_and_refuses_a_missing_gpu(smoke_run):
+    ckpt = f"ckpt={smoke_run}/checkpoints/best.ckpt"
+    for precision in ("32", "bf16", "int8"):
+        proc = run_py("translate", ckpt, f"precision={precision}", "beam_size=2", input="The cat eats the fish.\n")
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+        assert f"decoding precision {precision}: as asked" in proc.stderr
+    proc = run_py("translate", ckpt, input="The cat eats the fish.\n")
+    assert proc.returncode == 0 and "decoding precision " in proc.stderr  # auto: the choice and its reason
+    if not torch.cuda.is_available():
+        proc = run_py("translate", ckpt, "device=cuda", input="The cat eats the fish.\n")
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+            "error: device=cuda: this machine has no CUDA GPU that torch "
+            f"{torch.__version__} can use; use device=cpu or device=auto"]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs these)")
+
+
+@cuda
+def test_cuda_greedy_fp32_matches_the_cpu(smoke_run, demo_corpus):
+    src = demo_corpus["test"][0][:50]
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    on_cpu = Translator.from_checkpoint(ckpt, device="cpu").translate(src, beam_size=1, precision="32")
+    on_gpu = Translator.from_checkpoint(ckpt, device="cuda").translate(src, beam_size=1, precision="32")
+    assert [h[0][0] for h in on_gpu] == [h[0][0] for h in on_cpu]
+
+
+@cuda
+def test_cuda_beam_search_with_the_kv_cache_equals_the_cpu(tiny_model):
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (4, 6))
+    search = SearchConfig(beam_size=3, nbest=2, max_len_a=0, max_len_b=6)
+    on_cpu = beam_search(tiny_model, src, tiny_model.pad_mask(src), search)
+    gpu_model = Transformer(tiny_model.cfg).cuda().eval()
+    gpu_model.load_state_dict(tiny_model.state_dict())
+    on_gpu = beam_search(gpu_model, src.cuda(), gpu_model.pad_mask(src.cuda()), search)
+    assert [[h for h, _ in hyps] for hyps in on_gpu] == [[h for h, _ in hyps] for hyps in on_cpu]
+
+
+@cuda
+def test_cuda_training_runs_and_resumes_with_the_cuda_rng(tmp_path, data_dir):
+    from seq2seq.checkpoint import load_checkpoint
+    from seq2seq.train import train
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["experiment=smoke", "trainer=gpu", f"data_dir={data_dir}", f"output_dir={tmp_path}",
+                         "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.enable_progress_bar=false"])
+    train(cfg)
+    assert "cuda_rng_state" in load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
