@@ -170,8 +170,9 @@ def collate(samples, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
         tgt_in[b, 0], tgt_in[b, 1:len(t) + 1] = BOS_ID, t
         tgt_out[b, :len(t)], tgt_out[b, len(t)] = t, EOS_ID
     n_tokens = sum(len(s) + len(t) for s, t in zip(srcs, tgts)) + 2 * B  # real tokens, eos included
+    tgt_real = np.flatnonzero(tgt_out != pad_id)  # (N,) real target positions of the flattened (B*T) labels
     return {"ids": torch.tensor(ids), "src": torch.from_numpy(src), "tgt_in": torch.from_numpy(tgt_in),
-            "tgt_out": torch.from_numpy(tgt_out), "n_tokens": n_tokens}
+            "tgt_out": torch.from_numpy(tgt_out), "tgt_real": torch.from_numpy(tgt_real), "n_tokens": n_tokens}
 
 
 def binarize(lines: list[str], tokenizer: Tokenizer, max_len: int, path: Path) -> TokenArray:

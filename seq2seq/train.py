@@ -19,7 +19,8 @@ from seq2seq.checkpoint import AtomicCheckpointIO, load_checkpoint
 from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
-from seq2seq.lit_module import MONITOR, OptimConfig, TokenThroughput, TranslationModule
+from seq2seq.hardware import this_machine, training_precision
+from seq2seq.lit_module import MONITOR, BudgetWarmup, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import PAD_ID
@@ -106,12 +107,18 @@ def train_job(cfg: DictConfig) -> float:
     checkpoint = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
                                save_last=True, enable_version_counter=False)
     throughput = TokenThroughput()
-    callbacks = [checkpoint, throughput, EarlyStopping(MONITOR, mode="max", patience=cfg.patience)]
+    # check_on_train_epoch_end=False: val/bleu exists only after validation, and Lightning 2.6 cannot tell
+    # by itself when validation comes by the clock (it reads a val_check_interval it never sets then)
+    stop_early = EarlyStopping(MONITOR, mode="max", patience=cfg.patience, check_on_train_epoch_end=False)
+    callbacks = [checkpoint, throughput, stop_early]
     if cfg.keep_last > 0:  # the newest N validations' weights, for `run.py average`
         callbacks.append(RunCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
                                        mode="max", save_top_k=cfg.keep_last, save_weights_only=True,
                                        auto_insert_metric_name=False, enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())
+    if trainer_cfg.get("max_time"):
+        callbacks.append(BudgetWarmup(optim_cfg.max_warmup_share))
     if trainer_cfg.pop("logger"):
         trainer_cfg["logger"] = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tensorboard")]
         callbacks.append(LearningRateMonitor("step"))
@@ -119,6 +126,7 @@ def train_job(cfg: DictConfig) -> float:
         trainer_cfg["logger"] = False
     trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
+    log.info("machine: %s", this_machine().describe())
     log.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out))

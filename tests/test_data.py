@@ -46,6 +46,8 @@ def test_collate_adds_eos_bos_and_pads_only_within_the_batch():
     assert batch["tgt_in"].tolist() == [[BOS_ID, 8, PAD_ID], [BOS_ID, 10, 11]]
     assert batch["tgt_out"].tolist() == [[8, EOS_ID, PAD_ID], [10, 11, EOS_ID]]
     assert batch["n_tokens"] == 4 + 2 + 2 + 3
+    flat = batch["tgt_out"].flatten()
+    assert flat[batch["tgt_real"]].tolist() == flat[flat.ne(PAD_ID)].tolist()  # the real labels, in order
 
 
 def test_token_array_round_trip_is_memory_mapped(tmp_path):

@@ -18,7 +18,7 @@ from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.lit_module import TranslationModule
 from seq2seq.train import train
 from seq2seq.translate import Translator
-from tests.conftest import ROOT, compose_train, run_py
+from tests.conftest import ROOT, compose_train, messages, run_py
 
 
 class Payload:
@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path, data_dir, 
         return (loss * float("nan") if self.training and self.global_step >= 30 else loss), n
 
     monkeypatch.setattr(TranslationModule, "loss", poisoned)
-    with pytest.raises(Seq2SeqError, match="non-finite training loss \\(nan\\) at step 30"):
+    with pytest.raises(Seq2SeqError, match="non-finite training loss at step 30 "):
         train(cfg)
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 20
@@ -216,14 +216,14 @@ def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_un
     assert proc.stderr.strip() == f"error: {tmp_path}/a_file/out.ja: cannot write ({tmp_path}/a_file is not a directory)"
 
     proc = run_limited(["translate", ckpt, f"input={source}", f"output={tmp_path}/out.ja", "progress=false"], 10)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path}/out.ja: cannot write (File too large)"
+    assert proc.returncode == 1 and messages(proc.stderr) == [f"error: {tmp_path}/out.ja: cannot write (File too large)"]
     assert not (tmp_path / "out.ja").exists() and not (tmp_path / ".out.ja.tmp").exists()  # nothing half-written
 
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "run.py", "translate", ckpt, f"input={source}", "progress=false"],
                               cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: <stdout>: cannot write (No space left on device)"
+    assert messages(proc.stderr) == ["error: <stdout>: cannot write (No space left on device)"]
 
     proc = run_py("translate", ckpt, f"input={source}", f"output={source}")
     assert proc.returncode == 1 and "output= is the input file" in proc.stderr

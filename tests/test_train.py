@@ -21,7 +21,7 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     tok = datamodule.tokenizer
     model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
     module = TranslationModule(model, tok, OptimConfig(lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0,
-                                                       warmup_steps=1, label_smoothing=0.0), {})
+                                                       warmup_steps=1, label_smoothing=0.0, max_warmup_share=1.0), {})
     batch = next(iter(datamodule.train_dataloader()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -179,7 +179,8 @@ def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
     """Lightning will not clip for a fused optimizer under bf16-mixed; the module clips itself."""
     model = Transformer(ModelConfig(vocab_size=50, pad_id=0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
                                     n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=16))
-    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0)
+    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0,
+                        max_warmup_share=1.0)
     module = TranslationModule(model, None, optim, {})
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"]
