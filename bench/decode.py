@@ -9,9 +9,15 @@ emits exactly --forced-len tokens per sentence) compare all three decoders. Ever
 several batch sizes, and the ratios compare each one's fastest (Marian's generate() is not fastest
 at 64 sentences: 128 measured 24% faster at beam 5 bf16 in one run).
 
-    python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url ../shared/data/small_parallel_enja]
+It prints the machine first. Each system runs at every precision it offers here (ours: 32, bf16, int8;
+Marian: fp32, bf16 and torch's dynamic int8; CTranslate2: float32, int8) and is compared at its fastest.
+bf16 is skipped on a CPU without native bf16, where it runs tens to hundreds of times slower
+(--all-precisions runs it anyway).
+
+    python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url PATH/small_parallel_enja] [--device cuda]
 """
 import argparse
+import copy
 import itertools
 import json
 import resource
@@ -23,7 +29,18 @@ from pathlib import Path
 
 import torch
 
+from seq2seq.hardware import machine_report, synchronize, this_machine
+
 CASES = [("greedy", 1), ("beam5", 5)]
+
+
+def precisions(args) -> list[str]:
+    """Ours, in our names: every one this device offers, bf16 only where it is native (or --all-precisions)."""
+    from seq2seq.hardware import this_machine
+
+    if args.device.startswith("cuda"):
+        return ["bf16", "16", "32"]
+    return ["32", "int8"] + (["bf16"] if this_machine().cpu_native_bf16 or args.all_precisions else [])
 
 
 def test_lines(data_url: str) -> list[str]:
@@ -35,9 +52,9 @@ def run_ours(args, lines) -> list[dict]:
     from seq2seq.translate import Translator
 
     rows, L = [], args.forced_len
-    translator = Translator.from_checkpoint(args.ckpt)
+    translator = Translator.from_checkpoint(args.ckpt, device=args.device)
     refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
-    for precision in ("bf16", "32"):
+    for precision in precisions(args):
         translator.translate(lines[:32], beam_size=2, precision=precision)  # warm-up
         for name, beam in CASES:
             for max_tokens in args.budgets:
@@ -74,8 +91,9 @@ def run_ctranslate2(args, lines) -> list[dict]:
     with tempfile.TemporaryDirectory() as model_dir:
         export(args.ckpt, model_dir)
         L = args.forced_len
-        for compute_type in ("float32", "int8"):
-            translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
+        gpu = args.device.startswith("cuda")
+        for compute_type in ("float32", "bfloat16", "int8_float16") if gpu else ("float32", "int8"):
+            translator = ctranslate2.Translator(model_dir, device="cuda" if gpu else "cpu", compute_type=compute_type,
                                                 inter_threads=1, intra_threads=torch.get_num_threads())
             for (name, beam), budget in itertools.product(CASES, args.budgets):
                 start = time.perf_counter()
@@ -106,22 +124,31 @@ def run_marian(args, lines) -> list[dict]:
         encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, activation_function="relu", max_position_embeddings=m.max_len,
         pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, decoder_start_token_id=tokenizer.bos_id,
         scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
-    marian = MarianMTModel(config).eval()
+    marian = MarianMTModel(config).eval().to(args.device)
+    versions = {"32": marian}
+    if args.device.startswith("cuda") or "bf16" in precisions(args):
+        versions["bf16"] = marian
+    if not args.device.startswith("cuda"):  # its int8: the same dynamic quantization our int8 uses
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        versions["int8"] = quantize_dynamic(copy.deepcopy(marian), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                            dtype=torch.qint8)
     ids = [seq + [tokenizer.eos_id] for seq in tokenizer.encode(lines)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # the same length-sorting advantage as ours
     rows = []
     L = args.forced_len
-    for precision, (name, beam), batch_size in itertools.product(("bf16", "32"), CASES, args.marian_batches):
+    for (precision, model), (name, beam), batch_size in itertools.product(versions.items(), CASES,
+                                                                          args.marian_batches):
         start = time.perf_counter()
         for b in range(0, len(order), batch_size):
             batch = [ids[i] for i in order[b:b + batch_size]]
-            src = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id)
+            src = torch.full((len(batch), max(map(len, batch))), tokenizer.pad_id, device=args.device)
             for r, seq in enumerate(batch):
                 src[r, :len(seq)] = torch.tensor(seq)
-            with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+            with torch.no_grad(), (torch.autocast(src.device.type, dtype=torch.bfloat16) if precision == "bf16"
                                    else nullcontext()):
-                marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), num_beams=beam,
+                model.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), num_beams=beam,
                                 do_sample=False, min_new_tokens=L, max_new_tokens=L)
+        synchronize(args.device)
         rows.append(dict(system=f"Marian {precision}", case=f"{name} forced {L}", batch=f"{batch_size} sent",
                          seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
@@ -137,6 +164,8 @@ def main():
                         help="sentences per generate() call; each system's best batch is the one compared")
     parser.add_argument("--forced-len", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="only the first N test sentences")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--all-precisions", action="store_true", help="bf16 even where it is emulated")
     parser.add_argument("--child", choices=["seq2seq", "marian", "ctranslate2"])
     args = parser.parse_args()
     lines = test_lines(args.data_url)[:args.limit]
@@ -145,6 +174,10 @@ def main():
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps([dict(r, peak_rss_mb=rss) for r in rows]))
         return
+    print(machine_report(this_machine(), args.device), flush=True)
+    if not (args.device.startswith("cuda") or this_machine().cpu_native_bf16 or args.all_precisions):
+        print(f"bf16 rows skipped: this CPU has no native bf16 ({this_machine().cpu_isa}), where bf16 runs tens to "
+              "hundreds of times slower than fp32 (--all-precisions runs them anyway)")
     rows = []
     for child in ("seq2seq", "marian", "ctranslate2"):
         proc = subprocess.run([sys.executable, __file__, "--child", child, *sys.argv[1:]], capture_output=True,
@@ -155,7 +188,7 @@ def main():
         if proc.returncode:
             sys.exit(f"{child} failed:\n{proc.stderr[-2000:]}")
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{len(lines)} sentences, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"{len(lines)} sentences, {torch.get_num_threads()} threads, device {args.device}\n")
     print(f"{'system':<14} {'case':<18} {'batch':<10} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6} {'peak RSS MB':>12}")
     for r in rows:
         bleu = f"{r['bleu']:.2f}" if "bleu" in r else ""
@@ -165,7 +198,7 @@ def main():
     for name, _ in CASES:
         for case in (f"{name} forced {args.forced_len}", name):
             best = {}  # each system's fastest precision and batch size for this case
-            for peer in ("seq2seq", "Marian", "CT2 float32", "CT2 int8"):
+            for peer in ["seq2seq", "Marian"] + sorted({r["system"] for r in rows if r["system"].startswith("CT2")}):
                 candidates = [r for r in rows if r["case"] == case and r["system"].startswith(peer)]
                 if candidates:
                     best[peer] = max(candidates, key=sentences_per_s)

@@ -1,12 +1,16 @@
 """Training throughput: seq2seq's Transformer against Hugging Face MarianMTModel of the same shape.
 
-Both train on the very same small_parallel_enja batches (our token-budget batches); the number
-that matters is real (non-pad) source+target tokens per second, printed with the ratio and the
-fraction of the machine's measured matmul peak each step reaches.
+Both train on the very same batches (our token-budget batches of small_parallel_enja, or of the
+generated demo corpus with --data demo); the number that matters is real (non-pad) source+target
+tokens per second, printed with the ratio and the fraction of the machine's measured matmul peak
+each step reaches. It prints the machine first. Each system runs in fp32 and in bf16 autocast and is
+compared at its faster one; bf16 is skipped on a CPU without native bf16, where it runs tens to
+hundreds of times slower than fp32 (--all-precisions runs it anyway).
 
-    python bench/train.py --data-url ../shared/data/small_parallel_enja [--steps 20] [--model small]
+    python bench/train.py --data-url PATH/small_parallel_enja [--steps 20] [--model small] [--device cuda]
 """
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -18,31 +22,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.corpora import DataConfig
 from seq2seq.data import TranslationDataModule
+from seq2seq.hardware import machine_report, matmul_peak, synchronize, this_machine
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of an n x n matmul: the machine's practical peak for this dtype."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
-
-
-def ours(cfg, tokenizer):
+def ours(cfg, tokenizer, device: str):
     model = Transformer(ModelConfig(**cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
-    module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), {})
+    module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), {}).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the one `run.py train` uses
     return model, lambda batch: module.loss(batch, cfg.optim.label_smoothing)[0], optimizer
 
 
-def marian(cfg, tokenizer, attn_implementation: str):
+def marian(cfg, tokenizer, attn_implementation: str, device: str):
     from transformers import MarianConfig, MarianMTModel
 
     m = cfg.model
@@ -54,7 +48,7 @@ def marian(cfg, tokenizer, attn_implementation: str):
         max_position_embeddings=m.max_len, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
         decoder_start_token_id=tokenizer.bos_id, scale_embedding=True, share_encoder_decoder_embeddings=True,
         tie_word_embeddings=True, attn_implementation=attn_implementation)
-    model = MarianMTModel(config)
+    model = MarianMTModel(config).to(device)
 
     def loss(batch):
         logits = model(input_ids=batch["src"], attention_mask=batch["src"].ne(tokenizer.pad_id),
@@ -65,17 +59,19 @@ def marian(cfg, tokenizer, attn_implementation: str):
     return model, loss, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def train_steps(model, loss_fn, optimizer, batches, bf16: bool) -> float:
+def train_steps(model, loss_fn, optimizer, batches, bf16: bool, device: str) -> float:
     """Seconds for one optimizer step per batch: forward, backward, clip, AdamW."""
     model.train()
+    synchronize(device)
     start = time.perf_counter()
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -88,50 +84,64 @@ def step_flops(model, loss_fn, batch) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-url", default="../shared/data/small_parallel_enja")
+    parser.add_argument("--data", choices=["small_enja", "demo"], default="small_enja")
+    parser.add_argument("--data-url", default="../shared/data/small_parallel_enja", help="for --data small_enja")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--model", default="small")
+    parser.add_argument("--max-tokens", type=int, default=None, help="batch budget (default: the data preset's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per system and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--all-precisions", action="store_true", help="bf16 even where it is emulated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    machine = this_machine()
+    print(machine_report(machine, args.device))
 
+    data = [f"data={args.data}"] + ([f"data.url={Path(args.data_url).resolve().as_uri()}"]
+                                    if args.data == "small_enja" else [])
+    data += [f"data.max_tokens={args.max_tokens}"] if args.max_tokens else []
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={args.model}", "data=small_enja", f"data_dir={args.data_dir}",
-                                          f"data.url={Path(args.data_url).resolve().as_uri()}", "output_dir=."])
+        cfg = compose("train", overrides=[f"model={args.model}", *data, f"data_dir={args.data_dir}", "output_dir=."])
     datamodule = TranslationDataModule(DataConfig(**cfg.data), Path(cfg.data_dir) / "cache", seed=cfg.seed)
     datamodule.setup()
-    loader = iter(datamodule.train_dataloader())
-    warmup = [next(loader) for _ in range(3)]
-    batches = [next(loader) for _ in range(args.steps)]
+    loader = (batch for _ in itertools.count() for batch in datamodule.train_dataloader())  # epoch after epoch
+    to_device = lambda b: {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    warmup = [to_device(next(loader)) for _ in range(3)]
+    batches = [to_device(next(loader)) for _ in range(args.steps)]
     n_tokens = sum(b["n_tokens"] for b in batches)
     n_padded = sum(b["src"].numel() + b["tgt_out"].numel() for b in batches)
-    print(f"batches: {args.steps} x max_tokens={cfg.data.max_tokens}, {n_tokens} real tokens "
+    print(f"batches: {args.steps} x max_tokens={cfg.data.max_tokens} of {args.data}, {n_tokens} real tokens "
           f"({n_tokens / n_padded:.0%} of padded), model={args.model}, vocab={datamodule.tokenizer.vocab_size}, "
-          f"threads={torch.get_num_threads()}, torch {torch.__version__}")
-    peak = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
-    print(f"matmul peak (2048^2): fp32 {peak[False]:.0f} GFLOP/s, bf16 {peak[True]:.0f} GFLOP/s")
+          f"threads={torch.get_num_threads()}, device={args.device}")
+    on_gpu = args.device.startswith("cuda")
+    precisions = [False, True]
+    if not (on_gpu or machine.cpu_native_bf16 or args.all_precisions):
+        precisions = [False]
+        print(f"bf16 rows skipped: this CPU has no native bf16 ({machine.cpu_isa}), where a bf16 step runs tens "
+              "to hundreds of times slower than fp32 (--all-precisions runs them anyway)")
+    peak = {bf16: matmul_peak(torch.bfloat16 if bf16 else torch.float32, args.device) for bf16 in precisions}
 
     systems = {}
-    for bf16 in (False, True):
+    for bf16 in precisions:
         tag = "bf16" if bf16 else "fp32"
-        systems[f"seq2seq {tag}"] = (*ours(cfg, datamodule.tokenizer), bf16)
+        systems[f"seq2seq {tag}"] = (*ours(cfg, datamodule.tokenizer, args.device), bf16)
         for impl in ("eager", "sdpa"):
-            systems[f"Marian {impl} {tag}"] = (*marian(cfg, datamodule.tokenizer, impl), bf16)
+            systems[f"Marian {impl} {tag}"] = (*marian(cfg, datamodule.tokenizer, impl, args.device), bf16)
     times = {name: [] for name in systems}
     for name, (model, loss_fn, optimizer, bf16) in systems.items():
-        train_steps(model, loss_fn, optimizer, warmup, bf16)
+        train_steps(model, loss_fn, optimizer, warmup, bf16, args.device)
     for _ in range(args.rounds):
         for name, (model, loss_fn, optimizer, bf16) in systems.items():
-            times[name].append(train_steps(model, loss_fn, optimizer, batches, bf16))
+            times[name].append(train_steps(model, loss_fn, optimizer, batches, bf16, args.device))
 
     rate = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     best_peer = max((n for n in rate if n.startswith("Marian")), key=rate.get)
     print(f"\n{'system':<20} {'params':>10} {'tokens/s':>10} {'vs best Marian':>15} {'% of matmul peak':>17}")
     for name, (model, loss_fn, _, bf16) in systems.items():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
             flops = step_flops(model, loss_fn, batches[0]) * n_tokens / batches[0]["n_tokens"]
         achieved = flops / statistics.median(times[name]) / 1e9
         params = sum(p.numel() for p in model.parameters())
