@@ -49,7 +49,7 @@ def test_lines(data_url: str) -> list[str]:
 
 def run_ours(args, lines) -> list[dict]:
     from seq2seq.metrics import corpus_scores
-    from seq2seq.translate import Translator
+    from seq2seq.translator import Translator
 
     rows, L = [], args.forced_len
     translator = Translator.from_checkpoint(args.ckpt, device=args.device)

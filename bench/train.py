@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.corpora import DataConfig
-from seq2seq.data import TranslationDataModule
+from seq2seq.datamodule import TranslationDataModule
 from seq2seq.hardware import machine_report, matmul_peak, synchronize, this_machine
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer

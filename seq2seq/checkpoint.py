@@ -2,9 +2,9 @@
 from pathlib import Path
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from seq2seq import Seq2SeqError, atomic_write
+from seq2seq import Seq2SeqError
+from seq2seq.files import atomic_write
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import Tokenizer
 
@@ -41,13 +41,6 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically (see `atomic_write`): a crash leaves the old file or the new one."""
     with atomic_write(path, "wb") as f:
         torch.save(checkpoint, f)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, but never leaving a torn file (see `save_checkpoint`)."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        save_checkpoint(checkpoint, path)
 
 
 def average_checkpoints(paths: list[str], output: str | Path) -> None:

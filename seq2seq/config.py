@@ -7,6 +7,7 @@ from dataclasses import fields
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
+from seq2seq.search import SearchConfig
 
 SCALAR_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int is a fine float
 
@@ -45,3 +46,8 @@ def build_config(cls, cfg: DictConfig | dict, group: str, top_level: bool = Fals
         return cls(**values, **derived)
     except (TypeError, ValueError) as e:
         raise Seq2SeqError(f"bad {group} config: {e}") from None
+
+
+def search_config(cfg: DictConfig) -> SearchConfig:
+    """The search settings of a translate/evaluate/visualize command line, checked (one line if wrong)."""
+    return build_config(SearchConfig, {f.name: cfg[f.name] for f in fields(SearchConfig)}, "search", top_level=True)

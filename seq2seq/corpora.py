@@ -14,6 +14,7 @@ from pathlib import Path
 
 from seq2seq import Seq2SeqError
 from seq2seq.demo_corpus import generate_pairs
+from seq2seq.files import atomic_write, read_lines, write_text
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,6 @@ def clean_line(line: str, nfkc: bool) -> str:
     return " ".join(line.split())
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file; invalid UTF-8 is an error naming the file and line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise Seq2SeqError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            out.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise Seq2SeqError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-    return out
-
-
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
@@ -96,15 +78,12 @@ def fetch(url: str, dest: Path) -> None:
     """Copy `url` (http(s)://, file:// or a plain path) to `dest`, atomically."""
     if "://" not in url:
         url = Path(url).resolve().as_uri()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
+        response = urllib.request.urlopen(url, timeout=60)
     except (OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
         raise Seq2SeqError(f"could not fetch {url}: {getattr(e, 'reason', None) or e}") from None
-    tmp.replace(dest)
+    with response, atomic_write(dest, "wb") as f:
+        shutil.copyfileobj(response, f)
 
 
 def load_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
@@ -207,7 +186,7 @@ def load_demo(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
         root.mkdir(parents=True, exist_ok=True)
         for split, split_pairs in pairs.items():
             for i, lang in enumerate(("en", "ja")):
-                (root / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in split_pairs), encoding="utf-8")
+                write_text(root / f"{split}.{lang}", "".join(p[i] + "\n" for p in split_pairs))
         stamp.touch()
     return {split: read_parallel(root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}")
             for split in SPLITS}

@@ -10,7 +10,9 @@ from omegaconf import DictConfig
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
 from seq2seq.metrics import corpus_scores
-from seq2seq.translate import Translator, check_output, search_config, write_output
+from seq2seq.config import search_config
+from seq2seq.files import check_output, write_output
+from seq2seq.translator import Translator
 
 
 def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from seq2seq import Seq2SeqError
+from seq2seq.files import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -77,8 +78,6 @@ def train_tokenizer(lines: list[str], vocab_size: int, cache_dir: Path) -> Token
     except RuntimeError as e:  # e.g. a vocab_size below the corpus's character count + 256 byte pieces
         raise Seq2SeqError(f"SentencePiece training failed (data.vocab_size={vocab_size}): "
                            f"{str(e).split('] ')[-1]}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        f.write(model.getvalue())
     return Tokenizer(model.getvalue())

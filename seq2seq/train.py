@@ -12,13 +12,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq import Seq2SeqError
-from seq2seq.checkpoint import AtomicCheckpointIO, load_checkpoint
+from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
-from seq2seq.data import TranslationDataModule
+from seq2seq.datamodule import TranslationDataModule
+from seq2seq.files import write_text
 from seq2seq.hardware import this_machine, training_precision
 from seq2seq.lit_module import MONITOR, BudgetWarmup, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
@@ -40,6 +41,13 @@ def own_distributed_state():
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but never leaving a torn file (see `save_checkpoint`)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        save_checkpoint(checkpoint, path)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -156,13 +164,13 @@ def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpo
     test = dict(module.test_results)
     hyps = test.pop("hypotheses", [])
     tgt_lang = module.data_info["tgt_lang"]
-    (out / f"test.hyp.{tgt_lang}").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    write_text(out / f"test.hyp.{tgt_lang}", "".join(h + "\n" for h in hyps))
     best = checkpoint.best_model_score
     results = {**test, "val/bleu": float(best) if best is not None else None,
                "best_checkpoint": checkpoint.best_model_path or None,
                "n_params": sum(p.numel() for p in module.model.parameters()),
                "train_time_s": round(train_time, 1), "train_tokens_per_s": round(throughput.tokens_per_s, 1),
                "train_tokens": throughput.tokens, "global_step": global_step}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")  # report's "done"
     log.info("results: %s", json.dumps({k: v for k, v in results.items() if "signature" not in k}))
     return results["val/bleu"] if results["val/bleu"] is not None else float("nan")

@@ -120,8 +120,9 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 
 
 def visualize(cfg: DictConfig) -> AttentionMaps:
+    from seq2seq.config import search_config
     from seq2seq.search import beam_search
-    from seq2seq.translate import Translator, search_config
+    from seq2seq.translator import Translator
 
     search = search_config(cfg)
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)

@@ -61,7 +61,7 @@ def test_token_array_round_trip_is_memory_mapped(tmp_path):
 
 def test_datamodule_second_setup_reuses_the_cache(tiny_cfg):
     from seq2seq.corpora import DataConfig
-    from seq2seq.data import TranslationDataModule
+    from seq2seq.datamodule import TranslationDataModule
 
     cfg = DataConfig(**tiny_cfg.data)
     first = TranslationDataModule(cfg, tiny_cfg.data_dir + "/cache", seed=0)

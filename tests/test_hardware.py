@@ -8,7 +8,7 @@ from seq2seq.hardware import Machine, choose_precision, precision_name, resolve_
 from seq2seq.int8 import Int8Transformer
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
-from seq2seq.translate import Translator
+from seq2seq.translator import Translator
 from tests.conftest import run_py
 
 AVX2 = Machine("AMD EPYC", "AVX2", cpu_native_bf16=False, threads=2, cuda=False, cuda_bf16=False, gpu="")

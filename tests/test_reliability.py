@@ -17,7 +17,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.lit_module import TranslationModule
 from seq2seq.train import train
-from seq2seq.translate import Translator
+from seq2seq.translator import Translator
 from tests.conftest import ROOT, compose_train, messages, run_py
 
 
@@ -171,7 +171,7 @@ def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
 def test_data_position_survives_a_restart(tiny_cfg):
     """The batches after a restored loader state are the ones an uninterrupted epoch would deal."""
     from seq2seq.corpora import DataConfig
-    from seq2seq.data import TranslationDataModule
+    from seq2seq.datamodule import TranslationDataModule
 
     datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=3)
     datamodule.setup()

@@ -8,7 +8,7 @@ import torch
 
 from seq2seq.checkpoint import load_checkpoint, load_model
 from seq2seq.corpora import DataConfig
-from seq2seq.data import TranslationDataModule
+from seq2seq.datamodule import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
 from tests.conftest import ROOT, run_py

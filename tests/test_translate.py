@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seq2seq.checkpoint import load_checkpoint
-from seq2seq.translate import Translator
+from seq2seq.translator import Translator
 from tests.conftest import ROOT, run_py
 
 LINES = ["The big dog ate the red apple.", "", "   ", "Does the cat read the book?",
@@ -104,3 +104,13 @@ def test_average_checkpoints(smoke_run, tmp_path):
     torch.testing.assert_close(avg[name], (a[name] + b[name]) / 2)
     out = Translator.from_checkpoint(tmp_path / "avg.ckpt").translate(["The cat eats the fish."], beam_size=2)
     assert len(out) == 1 and out[0][0][0]
+
+
+@pytest.mark.slow  # starts an interpreter
+def test_the_inference_path_imports_no_lightning():
+    """Translator, search, tokenizer, checkpoint loading and the samplers are what a service or a script
+    imports: Lightning (seconds to import, and a training framework) stays out of them."""
+    modules = "seq2seq.translator seq2seq.search seq2seq.tokenizer seq2seq.checkpoint seq2seq.data seq2seq.files"
+    code = f"import sys\nfor m in {modules.split()!r}: __import__(m)\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'pytorch_lightning', 'hydra'}}))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,102 @@
+"""Files in and out, in one place: lines read with the file and line named in errors, and every output
+written atomically (a crash or a full disk leaves the old file or the new one, never half of one)."""
+import os
+import sys
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from seq2seq import Seq2SeqError
+
+
+def read_lines(path: str | Path, errors: str = "strict", hint: str = "") -> list[str]:
+    """The lines of a UTF-8 file (`-`: stdin), split on \\n only, so that every other control character
+    stays inside its line. Invalid UTF-8 is an error naming the file and line (+ `hint`), unless
+    errors="replace"."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    try:
+        data = sys.stdin.buffer.read() if name == "<stdin>" else Path(path).read_bytes()
+    except OSError as e:
+        raise Seq2SeqError(f"{name}: cannot read ({e.strerror or e})") from None
+    raw = data.split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for lineno, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8", errors=errors).removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}){hint}") from None
+    return lines
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w"):
+    """Open a temporary file beside `path`; when the block ends, fsync it and rename it over `path`.
+
+    A crash or a full disk leaves the old file or the new one, never half of one; an error becomes
+    one line naming the file.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: how torch.save reports a failed write
+        with suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise Seq2SeqError(f"{path}: cannot write (is the disk full? {str(e).splitlines()[0]})") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `atomic_write` writes before the rename: a hidden file beside `path`."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_error(path: str | Path, e: OSError) -> Seq2SeqError:
+    if isinstance(e, FileExistsError):  # mkdir of a parent that is a file
+        reason = f"{e.filename} is not a directory"
+    elif isinstance(e, NotADirectoryError):
+        reason = "a parent in the path is not a directory"
+    else:
+        reason = e.strerror or str(e)
+    return Seq2SeqError(f"{path}: cannot write ({reason})")
+
+
+def check_output(path: str, input_path: str = "-") -> None:
+    """Before any work: the output can be created, and it is not the input (which stays untouched)."""
+    if path == "-":
+        return
+    target = Path(path)
+    if input_path != "-" and target.exists() and target.resolve() == Path(input_path).resolve():
+        raise Seq2SeqError(f"{path}: output= is the input file; choose another so the input stays untouched")
+    probe = temporary_path(target)  # the file atomic_write will create
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def write_output(path: str, text: str) -> None:
+    """A file is written atomically (a full disk leaves no half-written output); - is stdout."""
+    if path != "-":
+        write_text(path, text)
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        raise Seq2SeqError(f"<stdout>: cannot write ({e.strerror or e})") from None

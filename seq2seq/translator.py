@@ -1,0 +1,103 @@
+"""Translator: a trained model with its tokenizer, translating lines by batched beam search on the device
+and at the precision the machine does best (no Lightning, no Hydra: what a service or a script imports)."""
+import logging
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seq2seq.checkpoint import load_model
+from seq2seq.corpora import clean_line
+from seq2seq.data import LengthOrderSampler, TokenBatchSampler
+from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
+from seq2seq.int8 import Int8Transformer
+from seq2seq.search import SearchConfig, beam_search
+from seq2seq.tokenizer import EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+
+class Translator:
+    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`.
+
+    The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
+    with another `device=` moves it there. `precision` is decided per call (`auto`: seq2seq/hardware.py);
+    int8 decodes with an int8 copy of the model, made at its first use and kept.
+    """
+
+    def __init__(self, model, tokenizer, info: dict, device: str = SearchConfig.device):
+        self.tokenizer, self.info = tokenizer, info
+        self.device = resolve_device(device, this_machine())
+        self.model = model.eval().to(self.device)
+        self.int8_model: Int8Transformer | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
+        return cls(*load_model(path), device=device)
+
+    @contextmanager
+    def decoding(self, search: SearchConfig):
+        """The model to decode with, inside the autocast its precision asks for: on `search.device` (`auto`:
+        where the model is), at `search.precision` (`auto`: what this device does fastest, logged once)."""
+        if search.device != "auto":
+            self.device = resolve_device(search.device, this_machine())
+            self.model.to(self.device)
+        precision, reason = choose_precision(search.precision, self.device.type, training=False,
+                                             machine=this_machine())
+        log_choice("decoding", precision, reason)
+        if precision == "int8":
+            self.int8_model = self.int8_model or Int8Transformer(self.model)
+            yield self.int8_model
+        elif precision in AUTOCAST_DTYPE:
+            with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
+                yield self.model
+        else:
+            yield self.model
+
+    def encode(self, lines: list[str]) -> list[list[int]]:
+        """Clean as training did, encode, and cut lines the model cannot take (with a warning naming them)."""
+        ids = self.tokenizer.encode([clean_line(line, self.info["normalize"]) for line in lines])
+        limit = self.model.cfg.max_len - 1  # room for eos
+        for lineno, seq in enumerate(ids, 1):
+            if len(seq) > limit:
+                print(f"warning: line {lineno}: {len(seq)} tokens, truncated to {limit}", file=sys.stderr)
+        return [seq[:limit] for seq in ids]
+
+    def translate(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
+                  **settings) -> list[list[tuple[str, float]]]:
+        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
+
+        `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`,
+        `device="cpu"`, ...), which override it.
+        """
+        search = replace(search or SearchConfig(), **settings)
+        ids = self.encode(lines)
+        sizes = np.array([len(s) + 1 for s in ids])
+        out: list = [[("", 0.0)] for _ in lines]
+        todo = [i for i, s in enumerate(ids) if s]
+        batches = TokenBatchSampler(LengthOrderSampler(sizes[todo], shuffle=False, seed=0),
+                                    max(search.max_tokens, int(sizes.max(initial=1))))
+        bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, unit="line")
+        with self.decoding(search) as model:
+            for batch in batches:
+                rows = [todo[i] for i in batch]
+                src = pad_batch([ids[r] for r in rows]).to(model.embed.weight.device)
+                hyps = beam_search(model, src, model.pad_mask(src), search)
+                for r, sentence_hyps in zip(rows, hyps):
+                    texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
+                    out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
+                bar.update(len(rows))
+        bar.close()
+        return out
+
+
+def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
+    """Source ids + eos, padded: (B, S)."""
+    src = torch.full((len(seqs), max(len(s) for s in seqs) + 1), PAD_ID, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        src[b, :len(s) + 1] = torch.tensor(s + [EOS_ID])
+    return src
