@@ -1,16 +1,16 @@
 """Shared fixtures: the generated demo corpus, a tokenizer trained on it, the real config composed small."""
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from seq2seq.corpora import DataConfig, load_demo
+from seq2seq.corpora import SMALL_ENJA_LINES, DataConfig, load_demo
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import train_tokenizer
-
-import subprocess
-import sys
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,13 @@ def messages(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if not line.startswith("[INFO]")]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the smoke run's checkpoint (directly or through a fixture) trains: slow."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_py(*args, timeout=900, **kw):
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kw)
@@ -72,3 +79,22 @@ def smoke_run(tmp_path_factory, data_dir) -> Path:
                   "trainer.enable_progress_bar=false", f"data_dir={data_dir}", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def batch(vocab: int, B=3, S=7, T=6, seed=0):
+    """Random source and target ids (B, S), (B, T); sentences 1 and 2 end in padding."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (B, S), generator=g)
+    src[1, 5:] = 0  # padding at the end of sentence 1
+    src[2, 3:] = 0
+    tgt = torch.randint(4, vocab, (B, T), generator=g)
+    return src, tgt
+
+
+def write_small_enja_mirror(root, n_train=SMALL_ENJA_LINES["train"]):
+    """A local copy of small_parallel_enja's layout with numbered stand-in sentences."""
+    root.mkdir()
+    for name, split in (("train", "train"), ("dev", "valid"), ("test", "test")):
+        n = n_train if split == "train" else SMALL_ENJA_LINES[split]
+        (root / f"{name}.en").write_text("".join(f"sentence {i} .\n" for i in range(n)))
+        (root / f"{name}.ja").write_text("".join(f"文 {i} 。\n" for i in range(n)))

@@ -6,15 +6,7 @@ import torch
 
 from seq2seq.attention import KVCache, MultiHeadAttention, attention_weights, keep_mask
 from seq2seq.model import Dropout, ModelConfig, Transformer
-
-
-def batch(vocab: int, B=3, S=7, T=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, vocab, (B, S), generator=g)
-    src[1, 5:] = 0  # padding at the end of sentence 1
-    src[2, 3:] = 0
-    tgt = torch.randint(4, vocab, (B, T), generator=g)
-    return src, tgt
+from tests.conftest import batch
 
 
 def test_output_shapes(tiny_model):

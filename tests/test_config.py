@@ -40,6 +40,7 @@ def test_heads_must_divide_d_model(tmp_path):
         build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("model.d_modle=3", "error: Could not override 'model.d_modle'. To append to your config use "
                         "+model.d_modle=3 Key 'd_modle' is not in struct"),
@@ -56,11 +57,13 @@ def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, me
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_missing_mandatory_value_is_one_line():
     proc = run_py("translate", input="")
     assert proc.returncode == 1 and proc.stderr.strip() == "error: Missing mandatory value: ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,override,message", [
     ("translate", "beam_size=abc", "error: beam_size='abc': expected int"),
     ("translate", "nbest=9", "error: bad search config: nbest=9 exceeds beam_size=5"),

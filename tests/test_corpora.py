@@ -8,7 +8,7 @@ import pytest
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import (SMALL_ENJA_LINES, DataConfig, clean_corpus, clean_line, load_corpus,
                              read_parallel)
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_small_enja_mirror
 
 
 def data_cfg(corpus, directory, **kw) -> DataConfig:
@@ -53,14 +53,6 @@ def test_missing_file(tmp_path):
 def test_files_corpus_requires_paths(tmp_path):
     with pytest.raises(Seq2SeqError, match="data.train_src is not set"):
         load_corpus(data_cfg("files", tmp_path))
-
-
-def write_small_enja_mirror(root, n_train=SMALL_ENJA_LINES["train"]):
-    root.mkdir()
-    for name, split in (("train", "train"), ("dev", "valid"), ("test", "test")):
-        n = n_train if split == "train" else SMALL_ENJA_LINES[split]
-        (root / f"{name}.en").write_text("".join(f"sentence {i} .\n" for i in range(n)))
-        (root / f"{name}.ja").write_text("".join(f"文 {i} 。\n" for i in range(n)))
 
 
 def test_small_enja_fetches_from_a_file_url_mirror_and_swaps_direction(tmp_path):
@@ -116,6 +108,7 @@ def test_demo_corpus_splits_are_disjoint(demo_corpus):
     assert not (train & valid or train & test or valid & test)
 
 
+@pytest.mark.slow
 def test_run_py_reports_a_bad_corpus_in_one_line(tmp_path):
     (tmp_path / "t.en").write_text("a\nb\n")
     (tmp_path / "t.ja").write_bytes(b"\xe3\x81\x82\n\xff\n")

@@ -97,6 +97,7 @@ def test_int8_beam_search_runs_with_the_kv_cache(tiny_model):
     assert len(out) == 4 and all(len(hyps) == 2 for hyps in out)
 
 
+@pytest.mark.slow
 def test_int8_translations_are_close_to_fp32(smoke_run, demo_corpus):
     """On the trained smoke model: most lines the same length within one token, and BLEU within a bound."""
     translator = Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt", device="cpu")
@@ -108,6 +109,7 @@ def test_int8_translations_are_close_to_fp32(smoke_run, demo_corpus):
     assert sacrebleu.corpus_bleu(int8, [fp32], tokenize="char").score > 90  # int8 against fp32 as reference
 
 
+@pytest.mark.slow
 def test_cli_takes_precision_32_and_bf16_and_refuses_a_missing_gpu(smoke_run):
     ckpt = f"ckpt={smoke_run}/checkpoints/best.ckpt"
     for precision in ("32", "bf16", "int8"):

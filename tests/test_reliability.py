@@ -40,6 +40,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_one_line_everywhere(smoke_run, tmp_path, data_dir):
     torn = tmp_path / "torn.ckpt"
     data = (smoke_run / "checkpoints" / "best.ckpt").read_bytes()
@@ -69,6 +70,7 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     """SIGKILL a process while save_checkpoint is writing a large file: the old checkpoint is intact."""
     path = tmp_path / "last.ckpt"
@@ -88,6 +90,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     assert load_checkpoint(path)["seq2seq"] == {"generation": 1}
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path, data_dir, monkeypatch):
     cfg = compose_train(["experiment=smoke", f"data_dir={data_dir}", f"output_dir={tmp_path}",
                          "trainer.max_steps=60", "trainer.val_check_interval=20", "trainer.enable_progress_bar=false"])
@@ -136,6 +139,7 @@ def last_validation(run_dir) -> tuple[int, float]:
     return int(rows[-1]["step"]), float(rows[-1]["val/loss"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
     """SIGKILL mid-epoch, rerun with ckpt_path=last: the run ends at the same step with the same
     validation loss as an uninterrupted run. Weights, optimizer, LR schedule, data position and the
@@ -204,6 +208,7 @@ def run_limited(args, max_bytes, **kw):
                           preexec_fn=small_disk(max_bytes), timeout=900, **kw)
 
 
+@pytest.mark.slow
 def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_untouched(smoke_run, tmp_path):
     ckpt = f"ckpt={smoke_run}/checkpoints/best.ckpt"
     source = tmp_path / "in.en"
@@ -230,6 +235,7 @@ def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_un
     assert source.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_or_an_unwritable_run_dir_is_one_line(tmp_path, data_dir):
     args = ["train", "experiment=smoke", "trainer.max_steps=30", "trainer.val_check_interval=20",
             "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]

@@ -7,7 +7,7 @@ import torch
 from seq2seq.attention import KVCache
 from seq2seq.search import SearchConfig, beam_search, blockwise_topk, greedy_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from tests.test_attention import batch
+from tests.conftest import batch
 
 
 def test_cached_decode_steps_equal_full_recomputation(tiny_model):

@@ -11,7 +11,7 @@ from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
-from tests.conftest import ROOT, run_py
+from tests.conftest import ROOT, run_py, write_small_enja_mirror
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -34,11 +34,13 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_unknown_command_lists_commands_and_exits_2():
     proc = run_py("trian")
     assert proc.returncode == 2 and "usage: python run.py {train" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
     out = smoke_run
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
@@ -59,6 +61,7 @@ def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
     assert info["tgt_lang"] == "ja" and model.cfg.vocab_size == tokenizer.vocab_size
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path, data_dir):
     out = tmp_path / "run"
     shutil.copytree(smoke_run, out)
@@ -77,6 +80,7 @@ def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_pat
     assert "litlogger" not in output and "LeafSpec" not in output
 
 
+@pytest.mark.slow
 def test_multirun_of_two_smoke_runs_and_its_report(tmp_path, data_dir):
     proc = run_py("train", "-m", "experiment=smoke", "model.d_model=32,64", "trainer.max_steps=20",
                   "trainer.val_check_interval=10", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
@@ -97,6 +101,7 @@ def test_multirun_of_two_smoke_runs_and_its_report(tmp_path, data_dir):
     assert (tmp_path / "sweep" / "bleu_vs_model.d_model.png").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_does_not_stop_the_others_and_shows_in_the_report(tmp_path, data_dir):
     proc = run_py("train", "-m", "experiment=smoke", "model.n_heads=3,4", "trainer.max_steps=5",
                   "trainer.val_check_interval=5", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
@@ -120,6 +125,7 @@ def test_smoke_run_learns_the_demo_task(tmp_path, data_dir):
     assert results["test/bleu"] > 60, results
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
     """trainer=ddp with gloo: Lightning restarts run.py for rank 1, which must find its command again."""
     out = tmp_path / "run"
@@ -133,6 +139,7 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
     assert output.count("[seq2seq.train][INFO] - results: {") == 1  # rank 0 alone reports
 
 
+@pytest.mark.slow
 def test_multirun_with_ddp(tmp_path, data_dir):
     """Each sweep job's DDP ranks train that job, in its directory (not the whole sweep again)."""
     proc = run_py("train", "-m", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -145,9 +152,8 @@ def test_multirun_with_ddp(tmp_path, data_dir):
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_every_experiment_preset_runs_one_step_under_multirun(tmp_path, data_dir):
-    from tests.test_corpora import write_small_enja_mirror
-
     write_small_enja_mirror(tmp_path / "mirror")
     tatoeba = data_dir / "tatoeba"  # the Tatoeba presets find their pairs in place and fetch nothing
     tatoeba.mkdir(exist_ok=True)
@@ -159,6 +165,7 @@ def test_every_experiment_preset_runs_one_step_under_multirun(tmp_path, data_dir
     assert len(list((tmp_path / "sweep").glob("*/results.json"))) == len(presets) >= 5
 
 
+@pytest.mark.slow
 def test_joblib_launcher_and_optuna_search(tmp_path, data_dir):
     """The parallel local launcher and the Optuna search both drive `train` (pip install -e .[sweep])."""
     common = ["experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10",

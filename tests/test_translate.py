@@ -28,6 +28,7 @@ def test_translate_keeps_line_count_and_order(translator):
     assert [hyps[0][0] for hyps in out] == alone
 
 
+@pytest.mark.slow
 def test_cli_stdin_to_stdout(smoke_run):
     text = "\n".join(LINES) + "\n"
     proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", "beam_size=2", input=text)
@@ -35,6 +36,7 @@ def test_cli_stdin_to_stdout(smoke_run):
     assert len(proc.stdout.split("\n")) - 1 == len(LINES)
 
 
+@pytest.mark.slow
 def test_cli_files_nbest_and_long_lines(smoke_run, tmp_path):
     (tmp_path / "in.en").write_text("The cat eats the fish.\n" + "the big dog " * 400 + "\n")
     proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/in.en",
@@ -47,6 +49,7 @@ def test_cli_files_nbest_and_long_lines(smoke_run, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_invalid_utf8_names_the_line_or_is_replaced(smoke_run, tmp_path):
     (tmp_path / "bad.en").write_bytes(b"The cat.\nbad \xff\xfe line\nThe dog.\n")
     proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/bad.en")
@@ -57,6 +60,7 @@ def test_cli_invalid_utf8_names_the_line_or_is_replaced(smoke_run, tmp_path):
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "translate", f"ckpt={tmp_path}/nope.ckpt"],
                           cwd=tmp_path, input="x\n", capture_output=True, text=True)
@@ -64,6 +68,7 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing left behind in the working directory
 
 
+@pytest.mark.slow
 def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
     ckpt = smoke_run / "checkpoints" / "best.ckpt"
     (tmp_path / "s.en").write_text("The cat eats the fish.\nThe dog reads the book.\n")
@@ -80,6 +85,7 @@ def test_evaluate_on_files_and_on_the_corpus_test_split(smoke_run, tmp_path):
     assert json.loads((tmp_path / "test.ja.json").read_text())["sentences"] == 200
 
 
+@pytest.mark.slow
 def test_evaluate_sweep_keeps_every_jobs_output(smoke_run, tmp_path):
     ckpt = smoke_run / "checkpoints" / "best.ckpt"
     (tmp_path / "dev.en").write_text("The cat eats the fish.\nThe dog reads the book.\n")
@@ -94,6 +100,7 @@ def test_evaluate_sweep_keeps_every_jobs_output(smoke_run, tmp_path):
     assert not (smoke_run / "checkpoints" / "best.ckpt.dev.hyp.ja").exists()
 
 
+@pytest.mark.slow
 def test_average_checkpoints(smoke_run, tmp_path):
     best, last = smoke_run / "checkpoints" / "step000075.ckpt", smoke_run / "checkpoints" / "step000150.ckpt"
     proc = run_py("average", f"ckpts=[{best},{last}]", f"output={tmp_path}/avg.ckpt")

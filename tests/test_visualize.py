@@ -1,11 +1,11 @@
 """The math of what `visualize` draws, and the files it writes."""
 import math
 
+import pytest
 import torch
 
 from seq2seq.visualize import attention_maps, capture_weights, text_report
-from tests.conftest import run_py
-from tests.test_attention import batch
+from tests.conftest import batch, run_py
 
 
 def maps_for(tiny_model, tokenizer):
@@ -63,6 +63,7 @@ def test_text_report_has_one_line_per_target_token(tiny_model, tokenizer):
     assert len(lines) == T and all(len(line.split("\t")[1].split("  ")) == 2 for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_writes_html_and_pngs(smoke_run, tmp_path):
     out = tmp_path / "attn"
     proc = run_py("visualize", f"ckpt={smoke_run}/checkpoints/best.ckpt", "text=Yesterday, the cat's dog ate it.",
