@@ -51,3 +51,9 @@ def build_config(cls, cfg: DictConfig | dict, group: str, top_level: bool = Fals
 def search_config(cfg: DictConfig) -> SearchConfig:
     """The search settings of a translate/evaluate/visualize command line, checked (one line if wrong)."""
     return build_config(SearchConfig, {f.name: cfg[f.name] for f in fields(SearchConfig)}, "search", top_level=True)
+
+
+def check_flag(key: str, value) -> None:
+    """A task's true/false key (Hydra reads `key=yes` as a string): one line if it is not a bool."""
+    if not isinstance(value, bool):
+        raise Seq2SeqError(f"{key}={value!r}: expected true or false")

@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
-from seq2seq.metrics import corpus_scores
-from seq2seq.config import search_config
+from seq2seq.config import check_flag, search_config
 from seq2seq.files import check_output, write_output
+from seq2seq.metrics import bleu_tokenize, corpus_scores
+from seq2seq.textprep import natural_form
 from seq2seq.translator import Translator
 
 
@@ -40,20 +41,40 @@ def hypotheses_path(cfg: DictConfig, tgt_lang: str) -> Path:
     return Path(cfg.ckpt).with_name(name)
 
 
+def scores_of(hyps: list[str], refs: list[str], translator: Translator, pretokenized: bool) -> dict:
+    """BLEU and chrF as the text stands, and for a model trained on pre-tokenized text also on what a
+    reader gets: the corpus-convention score (tok:none on segmented text, comparable with published
+    numbers) and the natural one (detokenized text with sacrebleu's tokenizer for the target language)."""
+    tgt_lang, natural_tokenize = translator.info["tgt_lang"], bleu_tokenize(translator.info["tgt_lang"], False)
+    if not translator.pretokenized:
+        return corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
+    if not pretokenized:  # natural output against references as people write them
+        return corpus_scores(hyps, refs, natural_tokenize)
+    scores = corpus_scores(hyps, refs, "none")
+    scores["natural"] = corpus_scores([natural_form(h, tgt_lang) for h in hyps],
+                                      [natural_form(r, tgt_lang) for r in refs], natural_tokenize)
+    return scores
+
+
 def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
+    check_flag("pretokenized", cfg.pretokenized)
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    pretokenized = cfg.src is None or cfg.pretokenized  # the corpus's own test split is in its own form
     hyp_path = hypotheses_path(cfg, translator.info["tgt_lang"])
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
-    hyps = [h[0][0] for h in translator.translate(src, search, progress=cfg.progress)]
-    scores = corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
+    hyps = translator.translate(src, search, progress=cfg.progress, pretokenized=pretokenized)
+    scores = scores_of(hyps, refs, translator, pretokenized)
     write_output(str(hyp_path), "".join(h + "\n" for h in hyps))
-    report = {"bleu": scores["bleu"], "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
-              "chrf_signature": scores["chrf_signature"], "sentences": len(src), "search": asdict(search),
+    report = {**scores, "sentences": len(src), "pretokenized_input": pretokenized, "search": asdict(search),
               "checkpoint": str(cfg.ckpt), "hypotheses": str(hyp_path)}
     write_output(str(hyp_path) + ".json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
           f"({len(src)} sentences, beam {search.beam_size}, alpha {search.alpha})")
     print(scores["bleu_signature"])
+    if "natural" in scores:
+        natural = scores["natural"]
+        print(f"natural text (detokenized): BLEU {natural['bleu']:.2f}  chrF {natural['chrf']:.2f}  "
+              f"{natural['bleu_signature']}")
     return report

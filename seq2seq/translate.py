@@ -2,7 +2,7 @@
 from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
-from seq2seq.config import search_config
+from seq2seq.config import check_flag, search_config
 from seq2seq.files import check_output, read_lines, write_output
 from seq2seq.translator import Translator
 
@@ -11,9 +11,11 @@ def translate(cfg: DictConfig) -> None:
     search = search_config(cfg)
     if cfg.errors not in ("strict", "replace"):
         raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
+    check_flag("pretokenized", cfg.pretokenized)
     check_output(str(cfg.output), str(cfg.input))
     lines = read_lines(str(cfg.input), cfg.errors, hint="; pass errors=replace to translate it anyway")
-    results = Translator.from_checkpoint(cfg.ckpt, device=search.device).translate(lines, search, progress=cfg.progress)
+    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    results = translator.translate_nbest(lines, search, progress=cfg.progress, pretokenized=cfg.pretokenized)
     if search.nbest > 1:
         text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
     else:

@@ -16,15 +16,18 @@ from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
 from seq2seq.int8 import Int8Transformer
 from seq2seq.search import SearchConfig, beam_search
+from seq2seq.textprep import model_form, natural_form
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 
 
 class Translator:
-    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate(["I like tea."])`.
+    """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate("I like tea.")`.
 
-    The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
+    Text: a model trained on a pre-tokenized corpus (small_parallel_enja) reads its input lowercased and
+    word-segmented and writes natural text back (seq2seq/textprep.py), unless pretokenized=True says the
+    lines are in that form already (then the output stays in it too). The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
     with another `device=` moves it there. `precision` is decided per call (`auto`: seq2seq/hardware.py);
     int8 decodes with an int8 copy of the model, made at its first use and kept.
     """
@@ -34,6 +37,7 @@ class Translator:
         self.device = resolve_device(device, this_machine())
         self.model = model.eval().to(self.device)
         self.int8_model: Int8Transformer | None = None
+        self.pretokenized = bool(info.get("data_config", {}).get("pretokenized"))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
@@ -58,24 +62,44 @@ class Translator:
         else:
             yield self.model
 
+    def prepare(self, lines: list[str], pretokenized: bool = False, side: str = "src") -> list[str]:
+        """What the model reads: each line cleaned as training did and, for raw text and a model trained on
+        a pre-tokenized corpus, lowercased and word-segmented like that corpus (`side`: src or tgt text)."""
+        lines = [clean_line(line, self.info["normalize"]) for line in lines]
+        if self.pretokenized and not pretokenized:
+            lines = [model_form(line, self.info[f"{side}_lang"]) for line in lines]
+        return lines
+
+    def finish(self, hypothesis: str, pretokenized: bool = False) -> str:
+        """What the reader gets: the model's output, made natural where the input was raw."""
+        return natural_form(hypothesis, self.info["tgt_lang"]) if self.pretokenized and not pretokenized else hypothesis
+
     def encode(self, lines: list[str]) -> list[list[int]]:
-        """Clean as training did, encode, and cut lines the model cannot take (with a warning naming them)."""
-        ids = self.tokenizer.encode([clean_line(line, self.info["normalize"]) for line in lines])
+        """Encode prepared lines and cut those the model cannot take (with a warning naming them)."""
+        ids = self.tokenizer.encode(lines)
         limit = self.model.cfg.max_len - 1  # room for eos
         for lineno, seq in enumerate(ids, 1):
             if len(seq) > limit:
                 print(f"warning: line {lineno}: {len(seq)} tokens, truncated to {limit}", file=sys.stderr)
         return [seq[:limit] for seq in ids]
 
-    def translate(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
-                  **settings) -> list[list[tuple[str, float]]]:
-        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
+    def translate(self, lines: str | list[str], search: SearchConfig | None = None, progress: bool = False,
+                  pretokenized: bool = False, **settings) -> str | list[str]:
+        """The best translation of a line (a str in, a str out), or of each line of a list.
 
         `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`,
-        `device="cpu"`, ...), which override it.
+        `device="cpu"`, ...), which override it; `pretokenized` as in the class docstring.
         """
+        single = isinstance(lines, str)
+        nbest = self.translate_nbest([lines] if single else lines, search, progress, pretokenized, **settings)
+        best = [hyps[0][0] for hyps in nbest]
+        return best[0] if single else best
+
+    def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
+                        pretokenized: bool = False, **settings) -> list[list[tuple[str, float]]]:
+        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)]."""
         search = replace(search or SearchConfig(), **settings)
-        ids = self.encode(lines)
+        ids = self.encode(self.prepare(lines, pretokenized))
         sizes = np.array([len(s) + 1 for s in ids])
         out: list = [[("", 0.0)] for _ in lines]
         todo = [i for i, s in enumerate(ids) if s]
@@ -89,7 +113,7 @@ class Translator:
                 hyps = beam_search(model, src, model.pad_mask(src), search)
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
-                    out[r] = [(t, s) for t, (_, s) in zip(texts, sentence_hyps)]
+                    out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
                 bar.update(len(rows))
         bar.close()
         return out

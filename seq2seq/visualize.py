@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
 from seq2seq.attention import MultiHeadAttention
-from seq2seq.corpora import clean_line
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -120,20 +119,21 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 
 
 def visualize(cfg: DictConfig) -> AttentionMaps:
-    from seq2seq.config import search_config
+    from seq2seq.config import check_flag, search_config
     from seq2seq.search import beam_search
     from seq2seq.translator import Translator
 
     search = search_config(cfg)
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
-    model, tokenizer, info = translator.model, translator.tokenizer, translator.info
-    text = clean_line(str(cfg.text), info["normalize"])
+    model, tokenizer = translator.model, translator.tokenizer
+    check_flag("pretokenized", cfg.pretokenized)
+    text = translator.prepare([str(cfg.text)], cfg.pretokenized)[0]  # as `translate` reads it
     if not text:
         raise Seq2SeqError("text is empty: give a sentence, text=\"The cat sat on the mat.\"")
     limit = model.cfg.max_len - 1
     src_ids = tokenizer.encode([text])[0][:limit]
     if cfg.target is not None:
-        tgt_ids = tokenizer.encode([clean_line(str(cfg.target), info["normalize"])])[0][:limit]
+        tgt_ids = tokenizer.encode(translator.prepare([str(cfg.target)], cfg.pretokenized, side="tgt"))[0][:limit]
     else:
         with translator.decoding(search) as decoder:  # the translation `translate` gives, same settings
             src = torch.tensor([src_ids + [EOS_ID]], device=decoder.embed.weight.device)

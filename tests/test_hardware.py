@@ -102,8 +102,8 @@ def test_int8_translations_are_close_to_fp32(smoke_run, demo_corpus):
     """On the trained smoke model: most lines the same length within one token, and BLEU within a bound."""
     translator = Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt", device="cpu")
     src = demo_corpus["test"][0][:100]
-    fp32 = [h[0][0] for h in translator.translate(src, beam_size=3, precision="32")]
-    int8 = [h[0][0] for h in translator.translate(src, beam_size=3, precision="int8")]
+    fp32 = translator.translate(src, beam_size=3, precision="32")
+    int8 = translator.translate(src, beam_size=3, precision="int8")
     lengths = translator.tokenizer.encode(fp32), translator.tokenizer.encode(int8)
     assert sum(abs(len(a) - len(b)) <= 1 for a, b in zip(*lengths)) >= 0.9 * len(src)
     assert sacrebleu.corpus_bleu(int8, [fp32], tokenize="char").score > 90  # int8 against fp32 as reference

@@ -124,7 +124,7 @@ LINE = st.one_of(
 @given(lines=st.lists(LINE, min_size=1, max_size=12))
 def test_fuzzed_lines_in_equal_lines_out(fuzz_translator, lines):
     lines = [line.replace("\n", " ") for line in lines]  # one line each, as read_input would split them
-    out = fuzz_translator.translate(lines, beam_size=2, max_len_b=5)
+    out = fuzz_translator.translate_nbest(lines, beam_size=2, max_len_b=5)
     assert len(out) == len(lines)
     for line, hyps in zip(lines, out):
         assert len(hyps) == 1 and isinstance(hyps[0][0], str) and "\n" not in hyps[0][0]

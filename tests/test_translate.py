@@ -22,10 +22,12 @@ def translator(smoke_run):
 def test_translate_keeps_line_count_and_order(translator):
     out = translator.translate(LINES, beam_size=3)
     assert len(out) == len(LINES)
-    assert [hyps[0][0] for hyps in out][1:3] == ["", ""] and out[6][0][0] == ""
-    assert out[0][0][0] and out[0][0][0] == out[4][0][0]  # the same line, wherever it is, same translation
-    alone = [translator.translate([line], beam_size=3)[0][0][0] for line in LINES]
-    assert [hyps[0][0] for hyps in out] == alone
+    assert out[1:3] == ["", ""] and out[6] == ""
+    assert out[0] and out[0] == out[4]  # the same line, wherever it is, same translation
+    alone = [translator.translate(line, beam_size=3) for line in LINES]  # a str in, a str out
+    assert out == alone
+    nbest = translator.translate_nbest(LINES, beam_size=3, nbest=2)
+    assert [hyps[0][0] for hyps in nbest] == out and len(nbest[0]) == 2 and nbest[0][0][1] >= nbest[0][1][1]
 
 
 @pytest.mark.slow
@@ -110,7 +112,7 @@ def test_average_checkpoints(smoke_run, tmp_path):
     name = "model.embed.weight"
     torch.testing.assert_close(avg[name], (a[name] + b[name]) / 2)
     out = Translator.from_checkpoint(tmp_path / "avg.ckpt").translate(["The cat eats the fish."], beam_size=2)
-    assert len(out) == 1 and out[0][0][0]
+    assert len(out) == 1 and out[0]
 
 
 @pytest.mark.slow  # starts an interpreter
