@@ -56,6 +56,23 @@ def natural_form(line: str, lang: str) -> str:
     return capitalize_first(text)
 
 
+@functools.cache
+def segmenter(lang: str):
+    import pysbd
+
+    return pysbd.Segmenter(language=lang if lang in pysbd.languages.LANGUAGE_CODES else "en", clean=False)
+
+
+def split_sentences(line: str, lang: str) -> list[str]:
+    """The sentences of a line of running text (pysbd's rules: "Mr. Smith paid $3.50." is one sentence)."""
+    return [s.strip() for s in segmenter(lang).segment(line) if s.strip()] if line.strip() else []
+
+
+def join_sentences(sentences: list[str], lang: str) -> str:
+    """Translated sentences back into one line: Japanese writes them without spaces."""
+    return ("" if lang in ("ja", "zh") else " ").join(sentences)
+
+
 def capitalize_first(text: str) -> str:
     for i, char in enumerate(text):
         if char.isalpha():

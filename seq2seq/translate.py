@@ -12,10 +12,17 @@ def translate(cfg: DictConfig) -> None:
     if cfg.errors not in ("strict", "replace"):
         raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
     check_flag("pretokenized", cfg.pretokenized)
+    check_flag("split", cfg.split)
     check_output(str(cfg.output), str(cfg.input))
     lines = read_lines(str(cfg.input), cfg.errors, hint="; pass errors=replace to translate it anyway")
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
-    results = translator.translate_nbest(lines, search, progress=cfg.progress, pretokenized=cfg.pretokenized)
+    if cfg.split:
+        if search.nbest > 1:
+            raise Seq2SeqError("split=true gives one translation per line (its sentences rejoined); use nbest=1")
+        results = [[(line, 0.0)] for line in translator.translate(lines, search, progress=cfg.progress,
+                                                                  pretokenized=cfg.pretokenized, split=True)]
+    else:
+        results = translator.translate_nbest(lines, search, progress=cfg.progress, pretokenized=cfg.pretokenized)
     if search.nbest > 1:
         text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
     else:

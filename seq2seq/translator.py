@@ -16,7 +16,7 @@ from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
 from seq2seq.int8 import Int8Transformer
 from seq2seq.search import SearchConfig, beam_search
-from seq2seq.textprep import model_form, natural_form
+from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,30 @@ class Translator:
         return [seq[:limit] for seq in ids]
 
     def translate(self, lines: str | list[str], search: SearchConfig | None = None, progress: bool = False,
-                  pretokenized: bool = False, **settings) -> str | list[str]:
+                  pretokenized: bool = False, split: bool = False, **settings) -> str | list[str]:
         """The best translation of a line (a str in, a str out), or of each line of a list.
 
         `search` and/or SearchConfig's fields by name (`beam_size=1`, `alpha=1.0`, `precision="32"`,
-        `device="cpu"`, ...), which override it; `pretokenized` as in the class docstring.
+        `device="cpu"`, ...), which override it; `pretokenized` as in the class docstring. `split`: a
+        line may hold several sentences (a paragraph); each is translated alone and the line rejoined.
         """
         single = isinstance(lines, str)
-        nbest = self.translate_nbest([lines] if single else lines, search, progress, pretokenized, **settings)
-        best = [hyps[0][0] for hyps in nbest]
+        lines = [lines] if single else lines
+        if split:
+            best = self.translate_sentences(lines, search, progress, pretokenized, **settings)
+        else:
+            best = [hyps[0][0] for hyps in self.translate_nbest(lines, search, progress, pretokenized, **settings)]
         return best[0] if single else best
+
+    def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
+        """Each line split into sentences, all sentences translated as one batch, each line rejoined."""
+        sentences = [split_sentences(line, self.info["src_lang"]) for line in lines]
+        flat = self.translate_nbest([s for line in sentences for s in line], *args, **settings)
+        out, at = [], 0
+        for line in sentences:
+            out.append(join_sentences([hyps[0][0] for hyps in flat[at:at + len(line)]], self.info["tgt_lang"]))
+            at += len(line)
+        return out
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
                         pretokenized: bool = False, **settings) -> list[list[tuple[str, float]]]:

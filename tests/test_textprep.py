@@ -96,3 +96,28 @@ def test_evaluate_scores_with_the_tokenizer_that_matches_the_references():
     natural = scores_of(["私はお茶が好きです。"], ["私はお茶が大好きです。"], translator, pretokenized=False)
     assert "tok:ja-mecab" in natural["bleu_signature"] and "natural" not in natural
     assert natural["bleu"] == pytest.approx(corpus_form["natural"]["bleu"])  # the same text, scored alike
+
+
+def test_sentences_are_split_and_rejoined():
+    from seq2seq.textprep import join_sentences, split_sentences
+
+    assert split_sentences("Mr. Smith paid $3.50 for tea! Did he like it? Yes.", "en") == [
+        "Mr. Smith paid $3.50 for tea!", "Did he like it?", "Yes."]
+    assert split_sentences("私はお茶が好きです。「本当に？」と彼は言った。", "ja") == ["私はお茶が好きです。", "「本当に？」と彼は言った。"]
+    assert split_sentences("  ", "en") == []
+    assert join_sentences(["私は学生です。", "はい。"], "ja") == "私は学生です。はい。"
+    assert join_sentences(["I am a student.", "Yes."], "en") == "I am a student. Yes."
+
+
+def test_split_translates_each_sentence_and_keeps_one_line_per_line():
+    translator = translator_for(pretokenized=False)
+    seen = []
+
+    def translate_nbest(lines, *args, **kwargs):  # a stand-in model: "translates" by tagging
+        seen.extend(lines)
+        return [[(f"<{line}>", 0.0)] for line in lines]
+
+    translator.translate_nbest = translate_nbest
+    out = translator.translate(["One. Two! Three?", "", "Four."], split=True)
+    assert seen == ["One.", "Two!", "Three?", "Four."]  # one batch, sentence by sentence
+    assert out == ["<One.><Two!><Three?>", "", "<Four.>"]  # ja target: rejoined without spaces

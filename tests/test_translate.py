@@ -39,6 +39,19 @@ def test_cli_stdin_to_stdout(smoke_run):
 
 
 @pytest.mark.slow
+def test_cli_split_translates_paragraphs_line_by_line(smoke_run, translator):
+    paragraph = "The big dog ate the red apple. Does the cat read the book?"
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", "split=true", "beam_size=2",
+                  "progress=false", input=f"{paragraph}\n\nThe big dog ate the red apple.\n")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.split("\n")[:-1]
+    parts = translator.translate(["The big dog ate the red apple.", "Does the cat read the book?"], beam_size=2)
+    assert out == ["".join(parts), "", parts[0]]  # 3 lines in, 3 out; the demo corpus's target is Japanese
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", "split=true", "nbest=2", input="x\n")
+    assert proc.returncode == 1 and "use nbest=1" in proc.stderr
+
+
+@pytest.mark.slow
 def test_cli_files_nbest_and_long_lines(smoke_run, tmp_path):
     (tmp_path / "in.en").write_text("The cat eats the fish.\n" + "the big dog " * 400 + "\n")
     proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/in.en",
