@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
@@ -100,6 +101,9 @@ def train_job(cfg: DictConfig) -> float:
     # every config group is checked before any work (the tokenizer's vocab_size and pad_id come later)
     data_cfg = build_config(DataConfig, cfg.data, "data")
     model_cfg = build_config(ModelConfig, cfg.model, "model", vocab_size=data_cfg.vocab_size, pad_id=PAD_ID)
+    if model_cfg.max_len <= data_cfg.max_len:  # positions for the longest sentence plus its eos/bos
+        raise Seq2SeqError(f"model.max_len={model_cfg.max_len} must exceed data.max_len={data_cfg.max_len} "
+                           "(the longest training sentence plus its eos)")
     optim_cfg = build_config(OptimConfig, cfg.optim, "optim")
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)

@@ -49,6 +49,7 @@ def test_heads_must_divide_d_model(tmp_path):
     ("model=huge", "error: In 'train': Could not find 'model/huge' Available options in 'model': base small tiny"),
     ("optim.lr=[", "error: no viable alternative at input '['"),
     ("data.max_tokens=50", "error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"),
+    ("model.max_len=64", "error: model.max_len=64 must exceed data.max_len=64"),
 ])
 def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, message, tmp_path):
     proc = run_py("train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}/run")
