@@ -11,8 +11,8 @@ at 64 sentences: 128 measured 24% faster at beam 5 bf16 in one run).
 
 It prints the machine first. Each system runs at every precision it offers here (ours: 32, bf16, int8;
 Marian: fp32, bf16 and torch's dynamic int8; CTranslate2: float32, int8) and is compared at its fastest.
-bf16 is skipped on a CPU without native bf16, where it runs tens to hundreds of times slower
-(--all-precisions runs it anyway).
+bf16 is skipped on a CPU without native bf16, where it is emulated: its matmul measured 5x (AVX-512)
+to 300x (AVX2) slower than fp32 (--all-precisions runs it anyway).
 
     python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url PATH/small_parallel_enja] [--device cuda]
 """
@@ -176,8 +176,8 @@ def main():
         return
     print(machine_report(this_machine(), args.device), flush=True)
     if not (args.device.startswith("cuda") or this_machine().cpu_native_bf16 or args.all_precisions):
-        print(f"bf16 rows skipped: this CPU has no native bf16 ({this_machine().cpu_isa}), where bf16 runs tens to "
-              "hundreds of times slower than fp32 (--all-precisions runs them anyway)")
+        print(f"bf16 rows skipped: this CPU has no native bf16 ({this_machine().cpu_isa}), where bf16 is emulated, "
+              "several to hundreds of times slower than fp32 (--all-precisions runs them anyway)")
     rows = []
     for child in ("seq2seq", "marian", "ctranslate2"):
         proc = subprocess.run([sys.executable, __file__, "--child", child, *sys.argv[1:]], capture_output=True,

@@ -4,8 +4,8 @@ Both train on the very same batches (our token-budget batches of small_parallel_
 generated demo corpus with --data demo); the number that matters is real (non-pad) source+target
 tokens per second, printed with the ratio and the fraction of the machine's measured matmul peak
 each step reaches. It prints the machine first. Each system runs in fp32 and in bf16 autocast and is
-compared at its faster one; bf16 is skipped on a CPU without native bf16, where it runs tens to
-hundreds of times slower than fp32 (--all-precisions runs it anyway).
+compared at its faster one; bf16 is skipped on a CPU without native bf16, where it is emulated:
+its matmul measured 5x (AVX-512) to 300x (AVX2) slower than fp32 (--all-precisions runs it anyway).
 
     python bench/train.py --data-url PATH/small_parallel_enja [--steps 20] [--model small] [--device cuda]
 """
@@ -120,8 +120,8 @@ def main():
     precisions = [False, True]
     if not (on_gpu or machine.cpu_native_bf16 or args.all_precisions):
         precisions = [False]
-        print(f"bf16 rows skipped: this CPU has no native bf16 ({machine.cpu_isa}), where a bf16 step runs tens "
-              "to hundreds of times slower than fp32 (--all-precisions runs them anyway)")
+        print(f"bf16 rows skipped: this CPU has no native bf16 ({machine.cpu_isa}), where bf16 is emulated, "
+              "several to hundreds of times slower than fp32 (--all-precisions runs them anyway)")
     peak = {bf16: matmul_peak(torch.bfloat16 if bf16 else torch.float32, args.device) for bf16 in precisions}
 
     systems = {}
