@@ -82,7 +82,7 @@ def step_flops(model, loss_fn, batch) -> int:
     return counter.get_total_flops()
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["small_enja", "demo"], default="small_enja")
     parser.add_argument("--data-url", default="../shared/data/small_parallel_enja", help="for --data small_enja")
@@ -94,12 +94,11 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--all-precisions", action="store_true", help="bf16 even where it is emulated")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    machine = this_machine()
-    print(machine_report(machine, args.device))
+    return parser.parse_args()
 
+
+def load_batches(args):
+    """The config, the tokenizer, 3 warm-up batches and `args.steps` timed ones, on the device."""
     data = [f"data={args.data}"] + ([f"data.url={Path(args.data_url).resolve().as_uri()}"]
                                     if args.data == "small_enja" else [])
     data += [f"data.max_tokens={args.max_tokens}"] if args.max_tokens else []
@@ -111,10 +110,20 @@ def main():
     to_device = lambda b: {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
     warmup = [to_device(next(loader)) for _ in range(3)]
     batches = [to_device(next(loader)) for _ in range(args.steps)]
+    return cfg, datamodule.tokenizer, warmup, batches
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    machine = this_machine()
+    print(machine_report(machine, args.device))
+    cfg, tokenizer, warmup, batches = load_batches(args)
     n_tokens = sum(b["n_tokens"] for b in batches)
     n_padded = sum(b["src"].numel() + b["tgt_out"].numel() for b in batches)
     print(f"batches: {args.steps} x max_tokens={cfg.data.max_tokens} of {args.data}, {n_tokens} real tokens "
-          f"({n_tokens / n_padded:.0%} of padded), model={args.model}, vocab={datamodule.tokenizer.vocab_size}, "
+          f"({n_tokens / n_padded:.0%} of padded), model={args.model}, vocab={tokenizer.vocab_size}, "
           f"threads={torch.get_num_threads()}, device={args.device}")
     on_gpu = args.device.startswith("cuda")
     precisions = [False, True]
@@ -127,21 +136,25 @@ def main():
     systems = {}
     for bf16 in precisions:
         tag = "bf16" if bf16 else "fp32"
-        systems[f"seq2seq {tag}"] = (*ours(cfg, datamodule.tokenizer, args.device), bf16)
+        systems[f"seq2seq {tag}"] = (*ours(cfg, tokenizer, args.device), bf16)
         for impl in ("eager", "sdpa"):
-            systems[f"Marian {impl} {tag}"] = (*marian(cfg, datamodule.tokenizer, impl, args.device), bf16)
+            systems[f"Marian {impl} {tag}"] = (*marian(cfg, tokenizer, impl, args.device), bf16)
     times = {name: [] for name in systems}
     for name, (model, loss_fn, optimizer, bf16) in systems.items():
         train_steps(model, loss_fn, optimizer, warmup, bf16, args.device)
     for _ in range(args.rounds):
         for name, (model, loss_fn, optimizer, bf16) in systems.items():
             times[name].append(train_steps(model, loss_fn, optimizer, batches, bf16, args.device))
+    report(systems, times, batches, n_tokens, peak, args.device)
 
+
+def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict, device: str) -> None:
+    """Tokens/s per system, its ratio to the best Marian, and the share of the matmul peak it reaches."""
     rate = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     best_peer = max((n for n in rate if n.startswith("Marian")), key=rate.get)
     print(f"\n{'system':<20} {'params':>10} {'tokens/s':>10} {'vs best Marian':>15} {'% of matmul peak':>17}")
     for name, (model, loss_fn, _, bf16) in systems.items():
-        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             flops = step_flops(model, loss_fn, batches[0]) * n_tokens / batches[0]["n_tokens"]
         achieved = flops / statistics.median(times[name]) / 1e9
         params = sum(p.numel() for p in model.parameters())
