@@ -1,7 +1,6 @@
 """Torn, corrupt and malicious checkpoints; non-finite losses; fuzzed translation input; kills and full disks."""
 import csv
 import pickle
-import random
 import resource
 import signal
 import subprocess
@@ -81,8 +80,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
               " 'seq2seq': {'generation': 2}}, sys.argv[1])")
     proc = subprocess.Popen([sys.executable, "-c", writer, str(path)])
     tmp = tmp_path / ".last.ckpt.tmp"
-    while not (tmp.exists() and tmp.stat().st_size > 0) and proc.poll() is None:
-        pass
+    while not (tmp.exists() and tmp.stat().st_size > 0) and proc.poll() is None:  # the event: a write has begun
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
@@ -156,9 +155,8 @@ def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while not last.exists() and proc.poll() is None and time.time() < deadline:  # the first validation's checkpoint
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))  # somewhere in the middle of the epoch after the first checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(last)["global_step"]
