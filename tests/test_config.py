@@ -41,20 +41,21 @@ def test_heads_must_divide_d_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,message", [
-    ("model.d_modle=3", "error: Could not override 'model.d_modle'. To append to your config use "
-                        "+model.d_modle=3 Key 'd_modle' is not in struct"),
-    ("model.d_model=abc", "error: model.d_model='abc': expected int"),
-    ("model.dropout=1.5", "error: bad model config: model.dropout=1.5 must be in [0, 1)"),
-    ("model=huge", "error: In 'train': Could not find 'model/huge' Available options in 'model': base small tiny"),
-    ("optim.lr=[", "error: no viable alternative at input '['"),
-    ("data.max_tokens=50", "error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"),
-    ("model.max_len=64", "error: model.max_len=64 must exceed data.max_len=64"),
+@pytest.mark.parametrize("override,names", [  # our own messages in full; Hydra's by what they must name
+    ("model.d_modle=3", ["model.d_modle"]),
+    ("model.d_model=abc", ["error: model.d_model='abc': expected int"]),
+    ("model.dropout=1.5", ["error: bad model config: model.dropout=1.5 must be in [0, 1)"]),
+    ("model=huge", ["model/huge", "base small tiny"]),
+    ("optim.lr=[", ["'['"]),
+    ("data.max_tokens=50", ["error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"]),
+    ("model.max_len=64", ["error: model.max_len=64 must exceed data.max_len=64"]),
 ])
-def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, message, tmp_path):
+def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, names, tmp_path):
     proc = run_py("train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and len(line.splitlines()) == 1, proc.stderr
+    assert all(name in line for name in names), line
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
