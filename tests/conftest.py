@@ -1,6 +1,8 @@
 """Shared fixtures: the generated demo corpus, a tokenizer trained on it, the real config composed small."""
 from pathlib import Path
 
+import resource
+import signal
 import subprocess
 import sys
 
@@ -98,3 +100,16 @@ def write_small_enja_mirror(root, n_train=SMALL_ENJA_LINES["train"]):
         n = n_train if split == "train" else SMALL_ENJA_LINES[split]
         (root / f"{name}.en").write_text("".join(f"sentence {i} .\n" for i in range(n)))
         (root / f"{name}.ja").write_text("".join(f"文 {i} 。\n" for i in range(n)))
+
+
+def small_disk(max_bytes: int):
+    """preexec_fn: files may grow to max_bytes only (EFBIG, like a full disk, instead of SIGXFSZ)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def run_limited(args, max_bytes, **kw):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_disk(max_bytes), timeout=900, **kw)

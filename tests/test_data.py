@@ -74,3 +74,26 @@ def test_datamodule_second_setup_reuses_the_cache(tiny_cfg):
     batch = next(iter(second.train_dataloader()))
     assert batch["src"].dtype == torch.long and batch["src"].numel() <= cfg.max_tokens
     assert len(second.datasets["test"]) == 200  # valid/test keep every line
+
+
+def test_data_position_survives_a_restart(tiny_cfg):
+    """The batches after a restored loader state are the ones an uninterrupted epoch would deal."""
+    from seq2seq.corpora import DataConfig
+    from seq2seq.datamodule import TranslationDataModule
+
+    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=3)
+    datamodule.setup()
+    straight = datamodule.train_dataloader()
+    straight.batch_sampler.sampler.set_epoch(2)
+    expected = [batch["ids"].tolist() for batch in straight]
+    first = datamodule.train_dataloader()
+    first.batch_sampler.sampler.set_epoch(2)
+    iterator = iter(first)
+    for _ in range(7):
+        next(iterator)
+    state = first.state_dict()
+    assert state == {"epoch": 2, "consumed": 7}
+    resumed = datamodule.train_dataloader()  # a new process: epoch not set yet, as in Lightning's restart
+    resumed.load_state_dict(state)
+    assert [batch["ids"].tolist() for batch in resumed] == expected[7:]
+    assert [batch["ids"].tolist() for batch in resumed] == expected  # the next epoch starts from the top

@@ -1,17 +1,25 @@
-"""Training end to end: the loss falls, `run.py train` writes checkpoints and results, multirun works."""
+"""Training end to end: the loss falls, `run.py train` writes checkpoints and results, multirun works;
+a non-finite loss stops it, a killed run resumes bit-exact, a full disk is one line."""
+import csv
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import lightning as L
 import pytest
 import torch
 
+from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, load_model
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
-from tests.conftest import ROOT, run_py, write_small_enja_mirror
+from seq2seq.train import train
+from tests.conftest import ROOT, compose_train, run_limited, run_py, write_small_enja_mirror
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -199,3 +207,77 @@ def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
         torch.testing.assert_close(grads.norm(), torch.tensor(0.5))
     else:
         assert torch.equal(grads, torch.full_like(grads, 0.5))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path, data_dir, monkeypatch):
+    cfg = compose_train(["experiment=smoke", f"data_dir={data_dir}", f"output_dir={tmp_path}",
+                         "trainer.max_steps=60", "trainer.val_check_interval=20", "trainer.enable_progress_bar=false"])
+    real_loss = TranslationModule.loss
+
+    def poisoned(self, batch, label_smoothing):
+        loss, n = real_loss(self, batch, label_smoothing)
+        return (loss * float("nan") if self.training and self.global_step >= 30 else loss), n
+
+    monkeypatch.setattr(TranslationModule, "loss", poisoned)
+    with pytest.raises(Seq2SeqError, match="non-finite training loss at step 30 "):
+        train(cfg)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 20
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def last_validation(run_dir) -> tuple[int, float]:
+    """(step, val/loss) of the last validation in the newest CSV log of a run."""
+    newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    rows = [r for r in csv.DictReader(open(newest / "metrics.csv")) if r.get("val/loss")]
+    return int(rows[-1]["step"]), float(rows[-1]["val/loss"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_validation_loss(tmp_path, data_dir):
+    """SIGKILL mid-epoch, rerun with ckpt_path=last: the run ends at the same step with the same
+    validation loss as an uninterrupted run. Weights, optimizer, LR schedule, data position and the
+    dropout RNG all come back, and CPU kernels with the same thread count are deterministic, so the
+    two losses are equal; the 1e-6 relative tolerance only allows for printing/parsing the CSV."""
+
+
+    args = ["train", "experiment=smoke", "trainer.precision=32", "trainer.max_steps=75",
+            "trainer.val_check_interval=25", "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
+    straight = run_py(*args, f"hydra.run.dir={tmp_path}/a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/b"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:  # the first validation's checkpoint
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(last)["global_step"]
+    assert 25 <= killed_at < 75
+
+    resumed = run_py(*args, f"hydra.run.dir={tmp_path}/b", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    step_a, loss_a = last_validation(tmp_path / "a")
+    step_b, loss_b = last_validation(tmp_path / "b")
+    assert step_a == step_b == 74
+    assert loss_a == pytest.approx(loss_b, rel=1e-6), (loss_a, loss_b, killed_at)
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_or_an_unwritable_run_dir_is_one_line(tmp_path, data_dir):
+    args = ["train", "experiment=smoke", "trainer.max_steps=30", "trainer.val_check_interval=20",
+            "trainer.enable_progress_bar=false", f"data_dir={data_dir}"]
+    corpus = {p: p.read_bytes() for p in (data_dir / "demo").iterdir() if p.is_file()}
+    proc = run_limited([*args, f"hydra.run.dir={tmp_path}/run"], 200_000)  # logs fit, checkpoints do not
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}/run/checkpoints/") and "cannot write" in last, last
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # no torn checkpoint
+    assert {p: p.read_bytes() for p in (data_dir / "demo").iterdir() if p.is_file()} == corpus
+
+    (tmp_path / "a_file").write_text("")
+    proc = run_py(*args, f"hydra.run.dir={tmp_path}/a_file/run")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'"

@@ -1,14 +1,17 @@
-"""`run.py translate` and `run.py evaluate`: N lines in, N lines out, in order, whatever the input."""
+"""`run.py translate` and `run.py evaluate`: N lines in, N lines out, in order, whatever the input (fuzzed);
+an output that cannot be written is one line and the input stays untouched."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seq2seq.checkpoint import load_checkpoint
 from seq2seq.translator import Translator
-from tests.conftest import ROOT, run_py
+from tests.conftest import ROOT, messages, run_limited, run_py
 
 LINES = ["The big dog ate the red apple.", "", "   ", "Does the cat read the book?",
          "The big dog ate the red apple.", "Yesterday, the teacher did not wash the car.", "\t"]
@@ -136,3 +139,54 @@ def test_the_inference_path_imports_no_lightning():
     code = f"import sys\nfor m in {modules.split()!r}: __import__(m)\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'pytorch_lightning', 'hydra'}}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def fuzz_translator(smoke_run):
+    return Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt")
+
+
+LINE = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet=st.sampled_from(list("\u200b\u200d\ufeff\x00\x07\x1b\t \u3000😀👍🏽漢字かなカナabc<>/")), max_size=40),
+    st.sampled_from(["", " ", "</s>", "<unk>", "<s>", "<pad>", "▁", "\u2028", "\x1c", "a" * 3000]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=12))
+def test_fuzzed_lines_in_equal_lines_out(fuzz_translator, lines):
+    lines = [line.replace("\n", " ") for line in lines]  # one line each, as read_input would split them
+    out = fuzz_translator.translate_nbest(lines, beam_size=2, max_len_b=5)
+    assert len(out) == len(lines)
+    for line, hyps in zip(lines, out):
+        assert len(hyps) == 1 and isinstance(hyps[0][0], str) and "\n" not in hyps[0][0]
+        if not line.split():
+            assert hyps[0][0] == ""
+
+
+@pytest.mark.slow
+def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_untouched(smoke_run, tmp_path):
+    ckpt = f"ckpt={smoke_run}/checkpoints/best.ckpt"
+    source = tmp_path / "in.en"
+    source.write_text("The cat eats the fish.\nThe dog reads the book.\n")
+    before = source.read_bytes()
+    (tmp_path / "a_file").write_text("")
+
+    proc = run_py("translate", ckpt, f"input={source}", f"output={tmp_path}/a_file/out.ja")  # caught up front
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path}/a_file/out.ja: cannot write ({tmp_path}/a_file is not a directory)"
+
+    proc = run_limited(["translate", ckpt, f"input={source}", f"output={tmp_path}/out.ja", "progress=false"], 10)
+    assert proc.returncode == 1 and messages(proc.stderr) == [f"error: {tmp_path}/out.ja: cannot write (File too large)"]
+    assert not (tmp_path / "out.ja").exists() and not (tmp_path / ".out.ja.tmp").exists()  # nothing half-written
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "run.py", "translate", ckpt, f"input={source}", "progress=false"],
+                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1
+    assert messages(proc.stderr) == ["error: <stdout>: cannot write (No space left on device)"]
+
+    proc = run_py("translate", ckpt, f"input={source}", f"output={source}")
+    assert proc.returncode == 1 and "output= is the input file" in proc.stderr
+    assert source.read_bytes() == before
