@@ -2,7 +2,7 @@
 turns a mistake into one line naming the key."""
 import types
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,3 +57,27 @@ def check_flag(key: str, value) -> None:
     """A task's true/false key (Hydra reads `key=yes` as a string): one line if it is not a bool."""
     if not isinstance(value, bool):
         raise Seq2SeqError(f"{key}={value!r}: expected true or false")
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+    """A task's key with a few possible values: one line naming them if it is none of them."""
+    if value not in choices:
+        raise Seq2SeqError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class RunConfig:
+    """The top-level numbers of `run.py train` (conf/train.yaml), checked like the groups' keys."""
+
+    seed: int
+    keep_last: int  # also keep the weights of the last N validations, for `run.py average`
+    patience: int  # early stopping: validations without a better val/bleu
+
+    def __post_init__(self):
+        for name in ("keep_last", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+
+
+def run_config(cfg: DictConfig) -> RunConfig:
+    return build_config(RunConfig, {f.name: cfg[f.name] for f in fields(RunConfig)}, "run", top_level=True)

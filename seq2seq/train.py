@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
-from seq2seq.config import build_config
+from seq2seq.config import build_config, run_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
@@ -105,9 +105,10 @@ def train_job(cfg: DictConfig) -> float:
         raise Seq2SeqError(f"model.max_len={model_cfg.max_len} must exceed data.max_len={data_cfg.max_len} "
                            "(the longest training sentence plus its eos)")
     optim_cfg = build_config(OptimConfig, cfg.optim, "optim")
-    L.seed_everything(cfg.seed, workers=True)
+    run = run_config(cfg)
+    L.seed_everything(run.seed, workers=True)
     out = Path(cfg.output_dir)
-    datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=cfg.seed)
+    datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=run.seed)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     model = Transformer(replace(model_cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
@@ -121,11 +122,11 @@ def train_job(cfg: DictConfig) -> float:
     throughput = TokenThroughput()
     # check_on_train_epoch_end=False: val/bleu exists only after validation, and Lightning 2.6 cannot tell
     # by itself when validation comes by the clock (it reads a val_check_interval it never sets then)
-    stop_early = EarlyStopping(MONITOR, mode="max", patience=cfg.patience, check_on_train_epoch_end=False)
+    stop_early = EarlyStopping(MONITOR, mode="max", patience=run.patience, check_on_train_epoch_end=False)
     callbacks = [checkpoint, throughput, stop_early]
-    if cfg.keep_last > 0:  # the newest N validations' weights, for `run.py average`
+    if run.keep_last > 0:  # the newest N validations' weights, for `run.py average`
         callbacks.append(RunCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
-                                       mode="max", save_top_k=cfg.keep_last, save_weights_only=True,
+                                       mode="max", save_top_k=run.keep_last, save_weights_only=True,
                                        auto_insert_metric_name=False, enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())

@@ -2,15 +2,14 @@
 from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
-from seq2seq.config import check_flag, search_config
+from seq2seq.config import check_choice, check_flag, search_config
 from seq2seq.files import check_output, read_lines, write_output
 from seq2seq.translator import Translator
 
 
 def translate(cfg: DictConfig) -> None:
     search = search_config(cfg)
-    if cfg.errors not in ("strict", "replace"):
-        raise Seq2SeqError(f"errors={cfg.errors}: expected strict or replace")
+    check_choice("errors", cfg.errors, ("strict", "replace"))
     check_flag("pretokenized", cfg.pretokenized)
     check_flag("split", cfg.split)
     check_output(str(cfg.output), str(cfg.input))

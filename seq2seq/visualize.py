@@ -119,14 +119,15 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 
 
 def visualize(cfg: DictConfig) -> AttentionMaps:
-    from seq2seq.config import check_flag, search_config
+    from seq2seq.config import check_choice, check_flag, search_config
     from seq2seq.search import beam_search
     from seq2seq.translator import Translator
 
     search = search_config(cfg)
+    check_flag("pretokenized", cfg.pretokenized)
+    check_choice("format", cfg.format, ("files", "text"))
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
     model, tokenizer = translator.model, translator.tokenizer
-    check_flag("pretokenized", cfg.pretokenized)
     text = translator.prepare([str(cfg.text)], cfg.pretokenized)[0]  # as `translate` reads it
     if not text:
         raise Seq2SeqError("text is empty: give a sentence, text=\"The cat sat on the mat.\"")

@@ -49,6 +49,8 @@ def test_heads_must_divide_d_model(tmp_path):
     ("optim.lr=[", ["'['"]),
     ("data.max_tokens=50", ["error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"]),
     ("model.max_len=64", ["error: model.max_len=64 must exceed data.max_len=64"]),
+    ("patience=abc", ["error: patience='abc': expected int"]),
+    ("keep_last=-1", ["error: bad run config: keep_last=-1 must not be negative"]),
 ])
 def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, names, tmp_path):
     proc = run_py("train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}/run")
@@ -71,6 +73,8 @@ def test_missing_mandatory_value_is_one_line():
     ("translate", "nbest=9", "error: bad search config: nbest=9 exceeds beam_size=5"),
     ("evaluate", "alpha=-1", "error: bad search config: alpha=-1 must not be negative"),
     ("visualize", "precision=fp16", "error: bad search config: precision=fp16: expected one of auto, 32, bf16, 16, int8"),
+    ("visualize", "format=txt", "error: format='txt': expected one of files, text"),
+    ("translate", "split=maybe", "error: split='maybe': expected true or false"),
 ])
 def test_bad_search_settings_are_one_line_before_the_checkpoint_is_read(command, override, message, tmp_path):
     """The search defaults come from SearchConfig (run.py hands them to Hydra); a bad value is caught
@@ -79,3 +83,15 @@ def test_bad_search_settings_are_one_line_before_the_checkpoint_is_read(command,
     proc = run_py(command, f"ckpt={tmp_path}/missing.ckpt", *extra, override, input="hello\n")
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_task_keys_are_checked():
+    from seq2seq.config import RunConfig, check_choice, check_flag
+
+    with pytest.raises(Seq2SeqError, match="^format='txt': expected one of files, text$"):
+        check_choice("format", "txt", ("files", "text"))
+    with pytest.raises(Seq2SeqError, match="^split='yes': expected true or false$"):
+        check_flag("split", "yes")
+    check_flag("split", False)
+    with pytest.raises(Seq2SeqError, match="seed='x': expected int"):
+        build_config(RunConfig, {"seed": "x", "keep_last": 5, "patience": 10}, "run", top_level=True)
