@@ -53,7 +53,7 @@ def run_ours(args, lines) -> list[dict]:
 
     rows, L = [], args.forced_len
     translator = Translator.from_checkpoint(args.ckpt, device=args.device)
-    refs = Path(args.data_url, f"test.{translator.info['tgt_lang']}").read_text(encoding="utf-8").splitlines()
+    refs = Path(args.data_url, f"test.{translator.info.tgt_lang}").read_text(encoding="utf-8").splitlines()
     for precision in precisions(args):
         translator.translate(lines[:32], beam_size=2, precision=precision, pretokenized=True)  # warm-up
         for name, beam in CASES:
@@ -63,7 +63,7 @@ def run_ours(args, lines) -> list[dict]:
                                             pretokenized=True)  # the test split is in the corpus's form
                 seconds = time.perf_counter() - start
                 n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
-                bleu = corpus_scores(hyps, refs[:len(lines)], translator.info["bleu_tokenize"])["bleu"]
+                bleu = corpus_scores(hyps, refs[:len(lines)], translator.info.bleu_tokenize)["bleu"]
                 rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
                                  seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
             for max_tokens in args.budgets:
@@ -86,7 +86,7 @@ def run_ctranslate2(args, lines) -> list[dict]:
 
     _, tokenizer, info = load_model(args.ckpt)
     source = [tokenizer.pieces(ids) + [tokenizer.pieces([tokenizer.eos_id])[0]] for ids in tokenizer.encode(lines)]
-    refs = Path(args.data_url, f"test.{info['tgt_lang']}").read_text(encoding="utf-8").splitlines()[:len(lines)]
+    refs = Path(args.data_url, f"test.{info.tgt_lang}").read_text(encoding="utf-8").splitlines()[:len(lines)]
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
         export(args.ckpt, model_dir)
@@ -100,7 +100,7 @@ def run_ctranslate2(args, lines) -> list[dict]:
                 out = translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens")
                 seconds = time.perf_counter() - start
                 hyps = [tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in out]
-                bleu = corpus_scores(hyps, refs, info["bleu_tokenize"])["bleu"]
+                bleu = corpus_scores(hyps, refs, info.bleu_tokenize)["bleu"]
                 rows.append(dict(system=f"CT2 {compute_type}", case=name, batch=f"{budget} tok", seconds=seconds,
                                  sentences=len(lines), tokens=sum(len(r.hypotheses[0]) + 1 for r in out), bleu=bleu))
                 start = time.perf_counter()

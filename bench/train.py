@@ -31,7 +31,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def ours(cfg, tokenizer, device: str):
     model = Transformer(ModelConfig(**cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
-    module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), {}).to(device)
+    module = TranslationModule(model, tokenizer, OptimConfig(**cfg.optim), None).to(device)
     optimizer = module.configure_optimizers()["optimizer"]  # the one `run.py train` uses
     return model, lambda batch: module.loss(batch, cfg.optim.label_smoothing)[0], optimizer
 

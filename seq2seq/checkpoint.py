@@ -1,4 +1,6 @@
-"""Loads the self-contained checkpoints that training writes: weights, model config, SentencePiece model."""
+"""Loads the self-contained checkpoints that training writes: weights, model config, SentencePiece model
+and what the text was (TextInfo)."""
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -7,6 +9,24 @@ from seq2seq import Seq2SeqError
 from seq2seq.files import atomic_write
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """What a checkpoint knows of its text: direction, cleaning, BLEU tokenization, the data config.
+
+    Stored in checkpoint["seq2seq"]["data"] as a plain dict (checkpoints hold no pickled classes)."""
+
+    src_lang: str
+    tgt_lang: str
+    normalize: bool  # NFKC when cleaning
+    bleu_tokenize: str  # sacrebleu's tokenize= that validation used
+    data_config: dict  # the DataConfig the model was trained with
+
+    @property
+    def pretokenized(self) -> bool:
+        """Was the training text lowercased and word-segmented (small_parallel_enja)?"""
+        return bool(self.data_config.get("pretokenized"))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -24,7 +44,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, dict]:
+def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, TextInfo]:
     """The model (eval mode, CPU), its tokenizer and the data settings it was trained with."""
     checkpoint = load_checkpoint(path)
     meta = checkpoint["seq2seq"]
@@ -34,7 +54,11 @@ def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, dict]:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise Seq2SeqError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
-    return model.eval(), Tokenizer(meta["spm_model"]), meta["data"]
+    try:
+        info = TextInfo(**meta["data"])
+    except TypeError as e:
+        raise Seq2SeqError(f"{path}: its text settings do not fit this version ({e})") from None
+    return model.eval(), Tokenizer(meta["spm_model"]), info
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:

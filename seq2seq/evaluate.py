@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
+from seq2seq.checkpoint import TextInfo
 from seq2seq.config import check_flag, search_config
 from seq2seq.files import check_output, write_output
 from seq2seq.metrics import bleu_tokenize, corpus_scores
@@ -16,14 +17,14 @@ from seq2seq.textprep import natural_form
 from seq2seq.translator import Translator
 
 
-def test_set(cfg: DictConfig, info: dict) -> tuple[list[str], list[str]]:
+def test_set(cfg: DictConfig, info: TextInfo) -> tuple[list[str], list[str]]:
     """(sources, references): the given files, or the checkpoint's own corpus's test split."""
     if (cfg.src is None) != (cfg.ref is None):
         raise Seq2SeqError("give both src=FILE and ref=FILE, or neither (the training corpus's test split)")
     if cfg.src is not None:
         src, ref = read_parallel(cfg.src, cfg.ref)
-        return src, [clean_line(r, info["normalize"]) for r in ref]  # references cleaned as in validation
-    data_cfg = DataConfig(**info["data_config"])
+        return src, [clean_line(r, info.normalize) for r in ref]  # references cleaned as in validation
+    data_cfg = DataConfig(**info.data_config)
     return clean_corpus({"test": load_corpus(data_cfg)["test"]}, data_cfg.normalize)["test"]
 
 
@@ -45,9 +46,9 @@ def scores_of(hyps: list[str], refs: list[str], translator: Translator, pretoken
     """BLEU and chrF as the text stands, and for a model trained on pre-tokenized text also on what a
     reader gets: the corpus-convention score (tok:none on segmented text, comparable with published
     numbers) and the natural one (detokenized text with sacrebleu's tokenizer for the target language)."""
-    tgt_lang, natural_tokenize = translator.info["tgt_lang"], bleu_tokenize(translator.info["tgt_lang"], False)
+    tgt_lang, natural_tokenize = translator.info.tgt_lang, bleu_tokenize(translator.info.tgt_lang, False)
     if not translator.pretokenized:
-        return corpus_scores(hyps, refs, translator.info["bleu_tokenize"])
+        return corpus_scores(hyps, refs, translator.info.bleu_tokenize)
     if not pretokenized:  # natural output against references as people write them
         return corpus_scores(hyps, refs, natural_tokenize)
     scores = corpus_scores(hyps, refs, "none")
@@ -61,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_flag("pretokenized", cfg.pretokenized)
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
     pretokenized = cfg.src is None or cfg.pretokenized  # the corpus's own test split is in its own form
-    hyp_path = hypotheses_path(cfg, translator.info["tgt_lang"])
+    hyp_path = hypotheses_path(cfg, translator.info.tgt_lang)
     check_output(str(hyp_path))
     src, refs = test_set(cfg, translator.info)
     hyps = translator.translate(src, search, progress=cfg.progress, pretokenized=pretokenized)

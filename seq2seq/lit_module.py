@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from seq2seq import Seq2SeqError
+from seq2seq.checkpoint import TextInfo
 from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
@@ -41,10 +42,10 @@ def inverse_sqrt(step: int, warmup_steps: int) -> float:
 class TranslationModule(L.LightningModule):
     """Trains `model`; validation and test decode greedily and score against the cleaned references."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, optim: OptimConfig, data_info: dict):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, optim: OptimConfig, text_info: TextInfo | None):
         super().__init__()
         self.model, self.tokenizer, self.optim = model, tokenizer, optim
-        self.data_info = data_info  # src_lang, tgt_lang, normalize, bleu_tokenize: saved in checkpoints
+        self.text_info = text_info  # direction, cleaning, BLEU tokenization: saved in checkpoints
         self.hyps: list[tuple[int, str]] = []
         self.loss_sum, self.token_count = 0.0, 0
         self.test_results: dict = {}
@@ -106,7 +107,7 @@ class TranslationModule(L.LightningModule):
         self.hyps.sort()
         refs = self.trainer.datamodule.texts[SPLIT_OF_STAGE[stage]][1]
         hyps = [h for _, h in self.hyps]
-        scores = corpus_scores(hyps, [refs[i] for i, _ in self.hyps], self.data_info["bleu_tokenize"])
+        scores = corpus_scores(hyps, [refs[i] for i, _ in self.hyps], self.text_info.bleu_tokenize)
         loss = self.loss_sum / max(self.token_count, 1)
         metrics = {f"{stage}/loss": loss, f"{stage}/ppl": math.exp(min(loss, 50)),
                    f"{stage}/bleu": scores["bleu"], f"{stage}/chrf": scores["chrf"]}
@@ -145,7 +146,7 @@ class TranslationModule(L.LightningModule):
         """Make the checkpoint self-contained: `translate` needs nothing but this file."""
         checkpoint["seq2seq"] = {"model_config": asdict(self.model.cfg),
                                  "spm_model": self.tokenizer.model_proto,
-                                 "data": dict(self.data_info)}
+                                 "data": asdict(self.text_info)}
         checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue as if never stopped
         if self.device.type == "cuda":
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
-from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+from seq2seq.checkpoint import TextInfo, load_checkpoint, save_checkpoint
 from seq2seq.config import build_config, run_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
@@ -112,10 +112,9 @@ def train_job(cfg: DictConfig) -> float:
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     model = Transformer(replace(model_cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
-    data_info = {"src_lang": data_cfg.src_lang, "tgt_lang": data_cfg.tgt_lang, "normalize": data_cfg.normalize,
-                 "bleu_tokenize": bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized),
-                 "data_config": asdict(data_cfg)}
-    module = TranslationModule(model, tokenizer, optim_cfg, data_info)
+    text_info = TextInfo(data_cfg.src_lang, data_cfg.tgt_lang, data_cfg.normalize,
+                         bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized), asdict(data_cfg))
+    module = TranslationModule(model, tokenizer, optim_cfg, text_info)
 
     checkpoint = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
                                save_last=True, enable_version_counter=False)
@@ -168,7 +167,7 @@ def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpo
                   throughput: TokenThroughput, train_time: float, global_step: int) -> float:
     test = dict(module.test_results)
     hyps = test.pop("hypotheses", [])
-    tgt_lang = module.data_info["tgt_lang"]
+    tgt_lang = module.text_info.tgt_lang
     write_text(out / f"test.hyp.{tgt_lang}", "".join(h + "\n" for h in hyps))
     best = checkpoint.best_model_score
     results = {**test, "val/bleu": float(best) if best is not None else None,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seq2seq.checkpoint import load_model
+from seq2seq.checkpoint import TextInfo, load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
@@ -32,12 +32,12 @@ class Translator:
     int8 decodes with an int8 copy of the model, made at its first use and kept.
     """
 
-    def __init__(self, model, tokenizer, info: dict, device: str = SearchConfig.device):
+    def __init__(self, model, tokenizer, info: TextInfo, device: str = SearchConfig.device):
         self.tokenizer, self.info = tokenizer, info
         self.device = resolve_device(device, this_machine())
         self.model = model.eval().to(self.device)
         self.int8_model: Int8Transformer | None = None
-        self.pretokenized = bool(info.get("data_config", {}).get("pretokenized"))
+        self.pretokenized = info.pretokenized
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
@@ -65,14 +65,14 @@ class Translator:
     def prepare(self, lines: list[str], pretokenized: bool = False, side: str = "src") -> list[str]:
         """What the model reads: each line cleaned as training did and, for raw text and a model trained on
         a pre-tokenized corpus, lowercased and word-segmented like that corpus (`side`: src or tgt text)."""
-        lines = [clean_line(line, self.info["normalize"]) for line in lines]
+        lines = [clean_line(line, self.info.normalize) for line in lines]
         if self.pretokenized and not pretokenized:
-            lines = [model_form(line, self.info[f"{side}_lang"]) for line in lines]
+            lines = [model_form(line, getattr(self.info, f"{side}_lang")) for line in lines]
         return lines
 
     def finish(self, hypothesis: str, pretokenized: bool = False) -> str:
         """What the reader gets: the model's output, made natural where the input was raw."""
-        return natural_form(hypothesis, self.info["tgt_lang"]) if self.pretokenized and not pretokenized else hypothesis
+        return natural_form(hypothesis, self.info.tgt_lang) if self.pretokenized and not pretokenized else hypothesis
 
     def encode(self, lines: list[str]) -> list[list[int]]:
         """Encode prepared lines and cut those the model cannot take (with a warning naming them)."""
@@ -101,11 +101,11 @@ class Translator:
 
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
         """Each line split into sentences, all sentences translated as one batch, each line rejoined."""
-        sentences = [split_sentences(line, self.info["src_lang"]) for line in lines]
+        sentences = [split_sentences(line, self.info.src_lang) for line in lines]
         flat = self.translate_nbest([s for line in sentences for s in line], *args, **settings)
         out, at = [], 0
         for line in sentences:
-            out.append(join_sentences([hyps[0][0] for hyps in flat[at:at + len(line)]], self.info["tgt_lang"]))
+            out.append(join_sentences([hyps[0][0] for hyps in flat[at:at + len(line)]], self.info.tgt_lang))
             at += len(line)
         return out
 

@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from seq2seq.checkpoint import TextInfo
 from seq2seq.textprep import model_form, natural_form
 from seq2seq.translator import Translator
 
@@ -61,8 +62,8 @@ class Words:
 def translator_for(pretokenized: bool) -> Translator:
     translator = Translator.__new__(Translator)
     translator.tokenizer = Words()
-    translator.info = {"src_lang": "en", "tgt_lang": "ja", "normalize": False,
-                       "data_config": {"pretokenized": pretokenized}}
+    translator.info = TextInfo("en", "ja", normalize=False, bleu_tokenize="none" if pretokenized else "ja-mecab",
+                               data_config={"pretokenized": pretokenized})
     translator.pretokenized = pretokenized
     return translator
 
@@ -89,7 +90,6 @@ def test_evaluate_scores_with_the_tokenizer_that_matches_the_references():
     from seq2seq.evaluate import scores_of
 
     translator = translator_for(pretokenized=True)
-    translator.info["bleu_tokenize"] = "none"
     hyps, refs = ["私 は お茶 が 好き です 。"], ["私 は お茶 が 大好き です 。"]
     corpus_form = scores_of(hyps, refs, translator, pretokenized=True)  # the corpus's own segmented test split
     assert "tok:none" in corpus_form["bleu_signature"] and "tok:ja-mecab" in corpus_form["natural"]["bleu_signature"]

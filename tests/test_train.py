@@ -29,7 +29,7 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     tok = datamodule.tokenizer
     model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
     module = TranslationModule(model, tok, OptimConfig(lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0,
-                                                       warmup_steps=1, label_smoothing=0.0, max_warmup_share=1.0), {})
+                                                       warmup_steps=1, label_smoothing=0.0, max_warmup_share=1.0), None)
     batch = next(iter(datamodule.train_dataloader()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -66,7 +66,7 @@ def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
     checkpoint = load_checkpoint(out / "checkpoints" / "best.ckpt")
     assert isinstance(checkpoint["seq2seq"]["spm_model"], bytes)
     model, tokenizer, info = load_model(out / "checkpoints" / "best.ckpt")
-    assert info["tgt_lang"] == "ja" and model.cfg.vocab_size == tokenizer.vocab_size
+    assert info.tgt_lang == "ja" and model.cfg.vocab_size == tokenizer.vocab_size
 
 
 @pytest.mark.slow
@@ -196,7 +196,7 @@ def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
                                     n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=16))
     optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0,
                         max_warmup_share=1.0)
-    module = TranslationModule(model, None, optim, {})
+    module = TranslationModule(model, None, optim, None)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"]
     for p in model.parameters():
