@@ -36,7 +36,7 @@ class DataConfig:
     vocab_size: int
     max_len: int  # training pairs with a side longer than this many tokens are dropped
     max_tokens: int  # token budget of one batch (padded, longer side)
-    num_workers: int = 0
+    num_workers: int  # DataLoader worker processes
     url: str | None = None
     valid_percent: float | None = None  # tatoeba: share of English sentences held out
     test_percent: float | None = None

@@ -12,7 +12,7 @@ from seq2seq.config import build_config
 from tests.conftest import CONF_DIR, compose_train, run_py
 
 GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(Path(CONF_DIR).iterdir())
-                 if group.is_dir() and group.name != "hydra" for option in sorted(group.glob("*.yaml"))]
+                 if group.is_dir() and group.name != "hydra" for option in sorted(group.glob("[!_]*.yaml"))]
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

@@ -13,7 +13,7 @@ from tests.conftest import ROOT, write_small_enja_mirror
 
 def data_cfg(corpus, directory, **kw) -> DataConfig:
     base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
-                normalize=True, vocab_size=300, max_len=64, max_tokens=1024)
+                normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0)
     return DataConfig(**{**base, **kw})
 
 
