@@ -15,7 +15,7 @@ from seq2seq.checkpoint import TextInfo
 from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
-from seq2seq.search import SearchConfig, greedy_search
+from seq2seq.search import SearchConfig, beam_search, greedy_search
 from seq2seq.tokenizer import Tokenizer
 
 MONITOR = "val/bleu"  # the checkpoint callback and early stopping watch this
@@ -42,10 +42,13 @@ def inverse_sqrt(step: int, warmup_steps: int) -> float:
 class TranslationModule(L.LightningModule):
     """Trains `model`; validation and test decode greedily and score against the cleaned references."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, optim: OptimConfig, text_info: TextInfo | None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, optim: OptimConfig, text_info: TextInfo | None,
+                 references: dict[str, list[str]] | None = None, search: SearchConfig | None = None):
         super().__init__()
         self.model, self.tokenizer, self.optim = model, tokenizer, optim
         self.text_info = text_info  # direction, cleaning, BLEU tokenization: saved in checkpoints
+        self.references = references or {}  # {"valid": lines, "test": lines}: the cleaned BLEU references
+        self.search = search or SearchConfig(beam_size=1)  # how validation and test decode (train.yaml: validation)
         self.hyps: list[tuple[int, str]] = []
         self.loss_sum, self.token_count = 0.0, 0
         self.test_results: dict = {}
@@ -91,8 +94,11 @@ class TranslationModule(L.LightningModule):
         self.loss_sum += float(loss) * n_tokens
         self.token_count += n_tokens
         src = batch["src"]
-        hyps = greedy_search(self.model, src, self.model.pad_mask(src), SearchConfig())  # its default length limit
-        self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps.tolist())))
+        if self.search.beam_size == 1:
+            hyps = greedy_search(self.model, src, self.model.pad_mask(src), self.search).tolist()
+        else:
+            hyps = [nbest[0][0] for nbest in beam_search(self.model, src, self.model.pad_mask(src), self.search)]
+        self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps)))
 
     test_step = validation_step
 
@@ -105,7 +111,7 @@ class TranslationModule(L.LightningModule):
     def log_scores(self, stage: str) -> dict:
         """Loss, perplexity, BLEU and chrF over what this epoch decoded (all of it, or a sanity-check slice)."""
         self.hyps.sort()
-        refs = self.trainer.datamodule.texts[SPLIT_OF_STAGE[stage]][1]
+        refs = self.references[SPLIT_OF_STAGE[stage]]
         hyps = [h for _, h in self.hyps]
         scores = corpus_scores(hyps, [refs[i] for i, _ in self.hyps], self.text_info.bleu_tokenize)
         loss = self.loss_sum / max(self.token_count, 1)

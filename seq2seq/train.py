@@ -25,6 +25,7 @@ from seq2seq.hardware import this_machine, training_precision
 from seq2seq.lit_module import MONITOR, BudgetWarmup, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
+from seq2seq.search import SearchConfig
 from seq2seq.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def train_job(cfg: DictConfig) -> float:
                            "(the longest training sentence plus its eos)")
     optim_cfg = build_config(OptimConfig, cfg.optim, "optim")
     run = run_config(cfg)
+    val_search = build_config(SearchConfig, cfg.validation, "validation")
     L.seed_everything(run.seed, workers=True)
     out = Path(cfg.output_dir)
     datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=run.seed)
@@ -114,7 +116,8 @@ def train_job(cfg: DictConfig) -> float:
     model = Transformer(replace(model_cfg, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id))
     text_info = TextInfo(data_cfg.src_lang, data_cfg.tgt_lang, data_cfg.normalize,
                          bleu_tokenize(data_cfg.tgt_lang, data_cfg.pretokenized), asdict(data_cfg))
-    module = TranslationModule(model, tokenizer, optim_cfg, text_info)
+    references = {split: datamodule.texts[split][1] for split in ("valid", "test")}
+    module = TranslationModule(model, tokenizer, optim_cfg, text_info, references, val_search)
 
     checkpoint = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
                                save_last=True, enable_version_counter=False)

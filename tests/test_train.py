@@ -2,6 +2,7 @@
 a non-finite loss stops it, a killed run resumes bit-exact, a full disk is one line."""
 import csv
 import json
+from dataclasses import replace
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,39 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
 
 
 @pytest.mark.slow
+def test_validation_decodes_as_the_validation_config_says(tiny_cfg, tiny_model):
+    from seq2seq.config import build_config
+    from seq2seq.search import SearchConfig
+    from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    cfg = compose_train(["model=tiny", "data=demo", "validation.beam_size=3", "+validation.max_len_b=2",
+                         f"data_dir={tiny_cfg.data_dir}", "output_dir=x"])
+    search = build_config(SearchConfig, cfg.validation, "validation")
+    assert (search.beam_size, search.max_len_b, search.alpha) == (3, 2, SearchConfig.alpha)  # the rest: defaults
+    with pytest.raises(Seq2SeqError, match="unknown config key validation.max_lenn"):
+        build_config(SearchConfig, {"max_lenn": 1}, "validation")
+    batch = {"src": torch.tensor([[5, 6, 7, EOS_ID]]), "tgt_in": torch.tensor([[BOS_ID, 5, 6]]),
+             "tgt_out": torch.tensor([[5, 6, EOS_ID]]),
+             "tgt_real": torch.arange(3), "ids": torch.tensor([0])}
+    decoded = []
+
+    class Words:
+        def decode(self, hyps):
+            decoded.extend(hyps)
+            return [" ".join(map(str, h)) for h in hyps]
+
+    for beam in (1, 3):
+        optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0,
+                            max_warmup_share=1.0)
+        module = TranslationModule(tiny_model, Words(), optim, None, search=replace(search, beam_size=beam))
+        module.on_validation_epoch_start()
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+        assert len(module.hyps) == 1
+    limit = int(search.max_len_a * 4 + search.max_len_b)  # a * (source length with eos) + b, b set to 2 above
+    assert len(decoded) == 2 and all(0 < len([t for t in h if t not in (PAD_ID, EOS_ID)]) <= limit for h in decoded)
+
+
 def test_unknown_command_lists_commands_and_exits_2():
     proc = run_py("trian")
     assert proc.returncode == 2 and "usage: python run.py {train" in proc.stderr
