@@ -46,7 +46,14 @@ def visualize(cfg):
     visualize(cfg)
 
 
-COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize}
+def explain(cfg):
+    from seq2seq.explain_page import explain
+
+    explain(cfg)
+
+
+COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize,
+            "explain": explain}
 
 
 def report(argv: list[str]) -> None:

@@ -30,16 +30,25 @@ def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, d
     return keep
 
 
+def attention_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Q K^T / sqrt(d_head): how relevant each key is to each query, by dot product. (B, H, T, S)"""
+    return query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
+
+
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Hidden keys get score -inf, so weight exactly 0; each row then sums to 1 over the keys it may see."""
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def attention_weights(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_head)) with hidden keys at weight 0: the picture of attention.
 
     Args: query (B, H, T, d_head), key (B, H, S, d_head), keep (B or 1, 1, T, S) or None.
     Returns: weights (B, H, T, S); each row sums to 1 over the keys it may see.
     """
-    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, T, S): relevance by dot product
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.softmax(dim=-1)
+    return masked_softmax(attention_scores(query, key), keep)
 
 
 class KVCache:
@@ -84,7 +93,9 @@ class MultiHeadAttention(nn.Module):
 
     Set `store_weights = True` to keep the attention weights of the last call in `self.weights`
     (B, H, T, S): the same forward pass then takes the explicit softmax path instead of the fused
-    SDPA kernel. Training and decoding leave it off.
+    SDPA kernel. Training and decoding leave it off. `record = {}` keeps every step of the last call
+    (query, key, value, scores, keep, weights, context: seq2seq/explain.py), and `head_gate` (H,)
+    scales each head's output (0 switches a head off; None, the default, leaves the output untouched).
     """
 
     def __init__(self, d_model: int, n_heads: int):
@@ -97,6 +108,8 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)  # W_O
         self.store_weights = False
         self.weights: torch.Tensor | None = None
+        self.record: dict | None = None
+        self.head_gate: torch.Tensor | None = None
 
     def reset_projections(self) -> None:
         """W_Q, W_K, W_V drawn as one stacked (3D, D) Xavier matrix, as nn.MultiheadAttention draws them."""
@@ -159,14 +172,28 @@ class MultiHeadAttention(nn.Module):
         query (B, H, T, d_head), key/value (B, H, S, d_head) -> context (B, H, T, d_head).
         """
         T, S = query.size(2), key.size(2)
-        if self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16):
+        if self.record is not None:
+            context = self.attend_step_by_step(query, key, value, keep_mask(key_pad_mask, causal, T, S, query.device))
+        elif self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16):
             weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
             self.weights = weights if self.store_weights else None
-            return weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
-        if causal and key_pad_mask is None and T == S:
-            return F.scaled_dot_product_attention(query, key, value, is_causal=True)
-        return F.scaled_dot_product_attention(query, key, value,
-                                              attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device))
+            context = weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
+        elif causal and key_pad_mask is None and T == S:
+            context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value,
+                                                     attn_mask=keep_mask(key_pad_mask, causal, T, S, query.device))
+        return context if self.head_gate is None else context * self.head_gate.to(context.dtype)[:, None, None]
+
+    def attend_step_by_step(self, query, key, value, keep) -> torch.Tensor:
+        """The explicit path, keeping each step in `self.record` (what `run.py explain` shows)."""
+        scores = attention_scores(query, key)  # (B, H, T, S), before the mask
+        weights = masked_softmax(scores, keep)
+        context = weights.to(value.dtype) @ value  # (B, H, T, d_head)
+        self.weights = weights if self.store_weights else None
+        self.record.update(query=query, key=key, value=value, scores=scores, keep=keep, weights=weights,
+                           context=context)
+        return context
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape

@@ -90,11 +90,22 @@ def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: st
             ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=1)
             if L * H > 1:
                 ax.set_title(f"layer {layer + 1} head {head + 1}", fontsize=8)
-            ax.set_xticks(range(len(cols)), [c.replace("▁", "_") for c in cols], rotation=90, fontsize=6)
-            ax.set_yticks(range(len(rows)), [r.replace("▁", "_") for r in rows], fontsize=6)
+            label_axes(ax, rows, cols, fontsize=6)
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=110)
+
+
+def label_axes(ax, rows: list[str], cols: list[str], fontsize: int) -> None:
+    """Token pieces along both axes (SentencePiece's word-start mark ▁ shown as _)."""
+    ax.set_xticks(range(len(cols)), [c.replace("▁", "_") for c in cols], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(rows)), [r.replace("▁", "_") for r in rows], fontsize=fontsize)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
