@@ -52,8 +52,14 @@ def explain(cfg):
     explain(cfg)
 
 
+def serve(cfg):
+    from seq2seq.serve import serve
+
+    serve(cfg)
+
+
 COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize,
-            "explain": explain}
+            "explain": explain, "serve": serve}
 
 
 def report(argv: list[str]) -> None:

@@ -1,0 +1,198 @@
+"""`run.py serve`: an HTTP translation service with LibreTranslate's API, on FastAPI and uvicorn.
+
+Why these: FastAPI validates requests into typed models and writes the OpenAPI docs (/docs) from them;
+uvicorn is the ASGI server FastAPI is made for, and on SIGTERM it stops accepting connections and
+finishes the requests it has before the process exits. Self-hosters already speak LibreTranslate's API:
+
+    POST /translate  {"q": "..." | ["...", ...], "source": "en", "target": "ja", "alternatives": N}
+                  -> {"translatedText": "..." | [...], "alternatives": [...]}   (alternatives only if N > 0)
+    GET /languages, GET /health
+
+Concurrent requests are batched: the first waits up to `batch_ms` for others (or until `batch_lines`
+lines are waiting), then one beam search translates all their lines and each request gets its own.
+A bad request is a 4xx with {"error": "..."}; never a 500.
+"""
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from seq2seq.search import SearchConfig
+
+log = logging.getLogger(__name__)
+LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
+
+
+@dataclass
+class ServeLimits:
+    """Request limits and the batching window (conf/serve.yaml)."""
+
+    char_limit: int = 5000  # characters per text
+    texts_limit: int = 128  # texts per request
+    body_limit: int = 1_000_000  # bytes per request body
+    batch_ms: float = 5.0  # how long the first request of a batch waits for others
+    batch_lines: int = 256  # a batch starts at once when this many lines wait
+
+    def __post_init__(self):
+        for name in ("char_limit", "texts_limit", "body_limit", "batch_lines"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.batch_ms < 0:
+            raise ValueError(f"batch_ms={self.batch_ms} must not be negative")
+
+
+class TranslateRequest(BaseModel):
+    q: str | list[str]
+    source: str
+    target: str
+    format: str = "text"
+    alternatives: int = Field(0, ge=0)
+    api_key: str | None = None  # accepted, as LibreTranslate clients send it; not checked
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+class Batcher:
+    """Collects the lines of concurrent requests and translates them in one search, on one worker thread."""
+
+    def __init__(self, translate_nbest, search: SearchConfig, limits: ServeLimits):
+        self.translate_nbest, self.search, self.limits = translate_nbest, search, limits
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="translate")
+
+    async def translate(self, lines: list[str], nbest: int) -> list[list[tuple[str, float]]]:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((lines, nbest, future))
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            await self.gather_more(batch)
+            await self.translate_batch(batch)
+
+    async def gather_more(self, batch: list) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.batch_ms / 1000
+        while sum(len(lines) for lines, _, _ in batch) < self.limits.batch_lines:
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+            except asyncio.TimeoutError:
+                return
+
+    async def translate_batch(self, batch: list) -> None:
+        lines = [line for request_lines, _, _ in batch for line in request_lines]
+        nbest = max(n for _, n, _ in batch)
+        search = replace(self.search, nbest=nbest, beam_size=max(self.search.beam_size, nbest))
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.worker, lambda: self.translate_nbest(lines, search))
+        except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
+            log.exception("translation failed")
+            for _, _, future in batch:
+                future.set_exception(BadRequest(503, f"translation failed: {e}"))
+            return
+        at = 0
+        for request_lines, _, future in batch:
+            future.set_result(results[at:at + len(request_lines)])
+            at += len(request_lines)
+
+
+def create_app(translator, search: SearchConfig, limits: ServeLimits) -> FastAPI:
+    """The service around `translator` (anything with .info and .translate_nbest(lines, search))."""
+    src_lang, tgt_lang = translator.info.src_lang, translator.info.tgt_lang
+    batcher = Batcher(translator.translate_nbest, search, limits)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="seq2seq", lifespan=lifespan,
+                  description=f"{LANGUAGE_NAMES.get(src_lang, src_lang)} to {LANGUAGE_NAMES.get(tgt_lang, tgt_lang)} "
+                              "translation, LibreTranslate's API")
+    add_error_handlers(app, limits)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/languages")
+    async def languages():
+        return [{"code": src_lang, "name": LANGUAGE_NAMES.get(src_lang, src_lang), "targets": [tgt_lang]}]
+
+    @app.post("/translate")
+    async def translate(request: TranslateRequest):
+        texts = check_request(request, src_lang, tgt_lang, limits, search)
+        results = await batcher.translate(texts, request.alternatives + 1)
+        best = [hyps[0][0] for hyps in results]
+        alternatives = [[h for h, _ in hyps[1:request.alternatives + 1]] for hyps in results]
+        single = isinstance(request.q, str)
+        answer = {"translatedText": best[0] if single else best}
+        if request.alternatives:
+            answer["alternatives"] = alternatives[0] if single else alternatives
+        return answer
+
+    return app
+
+
+def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limits: ServeLimits,
+                  search: SearchConfig) -> list[str]:
+    """The request's texts, or a BadRequest naming the field that is wrong."""
+    if (request.source, request.target) != (src_lang, tgt_lang):
+        raise BadRequest(400, f"source={request.source!r}, target={request.target!r}: this model translates "
+                              f"{src_lang} to {tgt_lang}")
+    if request.format != "text":
+        raise BadRequest(400, f"format={request.format!r}: only text is supported")
+    texts = [request.q] if isinstance(request.q, str) else request.q
+    if len(texts) > limits.texts_limit:
+        raise BadRequest(400, f"q: {len(texts)} texts exceed the limit of {limits.texts_limit} per request")
+    for i, text in enumerate(texts):
+        if len(text) > limits.char_limit:
+            raise BadRequest(400, f"q[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
+    if request.alternatives + 1 > max(search.beam_size, 10):
+        raise BadRequest(400, f"alternatives={request.alternatives}: at most {max(search.beam_size, 10) - 1}")
+    return [" ".join(text.splitlines()) for text in texts]  # one text is one line, as in `translate`
+
+
+def add_error_handlers(app: FastAPI, limits: ServeLimits) -> None:
+    @app.exception_handler(BadRequest)
+    async def bad_request(_request, e: BadRequest):
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.body_limit):
+            return JSONResponse({"error": f"body: larger than {limits.body_limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+
+def serve(cfg) -> None:
+    import uvicorn
+
+    from seq2seq.config import build_config, search_config
+    from seq2seq.translator import Translator
+
+    search = search_config(cfg)
+    limits = build_config(ServeLimits, {k: cfg[k] for k in ServeLimits.__dataclass_fields__}, "serve",
+                          top_level=True)
+    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    uvicorn.run(create_app(translator, search, limits), host=cfg.host, port=int(cfg.port), log_level="info",
+                timeout_graceful_shutdown=30)

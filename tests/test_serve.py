@@ -1,0 +1,160 @@
+"""`run.py serve`: LibreTranslate's API, batching of concurrent requests, limits and errors as 4xx."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from fastapi.testclient import TestClient
+
+from seq2seq.checkpoint import TextInfo
+from seq2seq.search import SearchConfig
+from seq2seq.serve import ServeLimits, create_app
+from tests.conftest import ROOT
+
+
+class Echo:
+    """A stand-in translator: 'translates' by upper-casing, n-best by numbering; records each batch."""
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+
+    def __init__(self):
+        self.batches = []
+
+    def translate_nbest(self, lines, search):
+        self.batches.append(list(lines))
+        return [[(f"{line.upper()}#{k}" if k else line.upper(), -float(k)) for k in range(search.nbest)]
+                for line in lines]
+
+
+def client(translator=None, **limits):
+    translator = translator or Echo()
+    app = create_app(translator, SearchConfig(beam_size=5), ServeLimits(**{"batch_ms": 1.0, **limits}))
+    return TestClient(app), translator
+
+
+def test_a_string_in_gives_a_string_out_and_a_list_a_list():
+    with client()[0] as http:
+        answer = http.post("/translate", json={"q": "hello", "source": "en", "target": "ja"})
+        assert answer.status_code == 200 and answer.json() == {"translatedText": "HELLO"}
+        answer = http.post("/translate", json={"q": ["a", "", "b"], "source": "en", "target": "ja"})
+        assert answer.json() == {"translatedText": ["A", "", "B"]}
+        answer = http.post("/translate", json={"q": "hi", "source": "en", "target": "ja", "alternatives": 2})
+        assert answer.json() == {"translatedText": "HI", "alternatives": ["HI#1", "HI#2"]}
+
+
+def test_languages_health_and_openapi_docs():
+    with client()[0] as http:
+        assert http.get("/languages").json() == [{"code": "en", "name": "English", "targets": ["ja"]}]
+        assert http.get("/health").json() == {"status": "ok"}
+        assert "/translate" in http.get("/openapi.json").json()["paths"]
+
+
+def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_answer():
+    http, translator = client(batch_ms=300.0)
+    answers = {}
+
+    def ask(text):
+        answers[text] = http.post("/translate", json={"q": [text, text + "!"], "source": "en", "target": "ja"}).json()
+
+    with http:
+        threads = [threading.Thread(target=ask, args=(t,)) for t in ("one", "two", "three")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert {t: a["translatedText"] for t, a in answers.items()} == {
+        "one": ["ONE", "ONE!"], "two": ["TWO", "TWO!"], "three": ["THREE", "THREE!"]}
+    assert len(translator.batches) == 1 and sorted(translator.batches[0]) == sorted(
+        ["one", "one!", "two", "two!", "three", "three!"])
+
+
+@pytest.mark.parametrize("body, status, error", [
+    ({"q": "hi", "source": "fr", "target": "ja"}, 400, "source='fr', target='ja': this model translates en to ja"),
+    ({"q": "hi", "source": "en"}, 400, "target: Field required"),
+    ({"q": 3, "source": "en", "target": "ja"}, 400, "q"),
+    ({"q": "x" * 51, "source": "en", "target": "ja"}, 400, "q[0]: 51 characters exceed the limit of 50"),
+    ({"q": ["a"] * 4, "source": "en", "target": "ja"}, 400, "q: 4 texts exceed the limit of 3 per request"),
+    ({"q": "hi", "source": "en", "target": "ja", "alternatives": -1}, 400, "alternatives"),
+    ({"q": "hi", "source": "en", "target": "ja", "format": "html"}, 400, "format='html': only text"),
+])
+def test_bad_requests_are_4xx_with_a_json_error_naming_the_field(body, status, error):
+    with client(char_limit=50, texts_limit=3)[0] as http:
+        answer = http.post("/translate", json=body)
+    assert answer.status_code == status and error in answer.json()["error"]
+
+
+def test_malformed_json_and_a_large_body_are_4xx():
+    with client(body_limit=100)[0] as http:
+        answer = http.post("/translate", content=b'{"q": "hi", ', headers={"content-type": "application/json"})
+        assert answer.status_code == 400 and "error" in answer.json()
+        answer = http.post("/translate", content=json.dumps({"q": "x" * 200, "source": "en", "target": "ja"}),
+                           headers={"content-type": "application/json"})
+        assert answer.status_code == 413 and "100 bytes" in answer.json()["error"]
+
+
+def test_a_failing_model_is_a_503_not_a_crash():
+    class Broken(Echo):
+        def translate_nbest(self, lines, search):
+            raise RuntimeError("out of memory")
+
+    with client(Broken())[0] as http:
+        answer = http.post("/translate", json={"q": "hi", "source": "en", "target": "ja"})
+        assert answer.status_code == 503 and "out of memory" in answer.json()["error"]
+        assert http.get("/health").status_code == 200  # still serving
+
+
+@pytest.mark.slow
+def test_the_same_answer_as_translate(smoke_run):
+    from seq2seq.translator import Translator
+
+    translator = Translator.from_checkpoint(smoke_run / "checkpoints" / "best.ckpt", device="cpu")
+    lines = ["The big dog ate the red apple.", "Does the cat read the book?", ""]
+    search = SearchConfig(beam_size=3, precision="32")
+    with TestClient(create_app(translator, search, ServeLimits())) as http:
+        answer = http.post("/translate", json={"q": lines, "source": "en", "target": "ja"}).json()
+    assert answer["translatedText"] == translator.translate(lines, search)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_answers_what_was_accepted_then_exits(smoke_run):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "run.py", "serve", f"ckpt={smoke_run}/checkpoints/best.ckpt",
+                             f"port={port}", "batch_ms=1500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the event: the service answers /health
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        answer = {}
+
+        def ask():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/translate", method="POST",
+                                             data=json.dumps({"q": "The cat eats the fish.", "source": "en",
+                                                              "target": "ja"}).encode(),
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer.update(status=response.status, body=json.load(response))
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.5)  # the request is inside its 1.5 s batching window
+        proc.send_signal(signal.SIGTERM)
+        thread.join(60)
+        assert answer["status"] == 200 and answer["body"]["translatedText"]  # answered, though SIGTERM came first
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    finally:
+        proc.kill()
