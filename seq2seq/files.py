@@ -2,31 +2,33 @@
 written atomically (a crash or a full disk leaves the old file or the new one, never half of one)."""
 import os
 import sys
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from seq2seq import Seq2SeqError
 
 
 def read_lines(path: str | Path, errors: str = "strict", hint: str = "") -> list[str]:
-    """The lines of a UTF-8 file (`-`: stdin), split on \\n only, so that every other control character
-    stays inside its line. Invalid UTF-8 is an error naming the file and line (+ `hint`), unless
-    errors="replace"."""
+    """The lines of a UTF-8 file (`-`: stdin); see `iter_lines`."""
+    return list(iter_lines(path, errors, hint))
+
+
+def iter_lines(path: str | Path, errors: str = "strict", hint: str = "") -> Iterator[str]:
+    """The lines of a UTF-8 file (`-`: stdin), one at a time as they arrive, split on \\n only, so that
+    every other control character stays inside its line. Invalid UTF-8 is an error naming the file and
+    line (+ `hint`), unless errors="replace"."""
     name = "<stdin>" if str(path) == "-" else str(path)
     try:
-        data = sys.stdin.buffer.read() if name == "<stdin>" else Path(path).read_bytes()
+        stream = sys.stdin.buffer if name == "<stdin>" else open(path, "rb")
     except OSError as e:
         raise Seq2SeqError(f"{name}: cannot read ({e.strerror or e})") from None
-    raw = data.split(b"\n")
-    if raw[-1] == b"":
-        raw.pop()
-    lines = []
-    for lineno, line in enumerate(raw, 1):
-        try:
-            lines.append(line.decode("utf-8", errors=errors).removesuffix("\r"))
-        except UnicodeDecodeError as e:
-            raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}){hint}") from None
-    return lines
+    with stream if name != "<stdin>" else nullcontext():
+        for lineno, line in enumerate(stream, 1):  # a binary stream splits on \n only
+            try:
+                yield line.removesuffix(b"\n").decode("utf-8", errors=errors).removesuffix("\r")
+            except UnicodeDecodeError as e:
+                raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}){hint}") from None
 
 
 @contextmanager
@@ -91,11 +93,20 @@ def check_output(path: str, input_path: str = "-") -> None:
 
 def write_output(path: str, text: str) -> None:
     """A file is written atomically (a full disk leaves no half-written output); - is stdout."""
+    with open_output(path) as out:
+        out.write(text)
+
+
+@contextmanager
+def open_output(path: str):
+    """A file, written atomically when the block ends (`atomic_write`), or stdout (`-`), where a failing
+    write (a closed pipe, a full disk) is one line naming <stdout>."""
     if path != "-":
-        write_text(path, text)
+        with atomic_write(path) as f:
+            yield f
         return
     try:
-        sys.stdout.write(text)
+        yield sys.stdout
         sys.stdout.flush()
     except OSError as e:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits

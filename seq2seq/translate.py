@@ -1,10 +1,24 @@
-"""`run.py translate`: batch translation of a file or stdin with beam search, one output line per input line."""
+"""`run.py translate`: translation of a file or stdin with beam search, one output line per input line.
+
+The input streams: lines are read, translated and written `chunk_lines` at a time (one at a time when
+stdin is a terminal, so each typed line is answered at once), so memory stays flat on any input and
+the first translations come out before the last lines are read. A file is checked for invalid UTF-8
+before any work; its output is written atomically when the last chunk is done.
+"""
+import itertools
+import sys
+from collections.abc import Iterable, Iterator
+
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from seq2seq import Seq2SeqError
 from seq2seq.config import check_choice, check_flag, search_config
-from seq2seq.files import check_output, read_lines, write_output
+from seq2seq.files import check_output, iter_lines, open_output
+from seq2seq.search import SearchConfig
 from seq2seq.translator import Translator
+
+HINT = "; pass errors=replace to translate it anyway"
 
 
 def translate(cfg: DictConfig) -> None:
@@ -12,18 +26,42 @@ def translate(cfg: DictConfig) -> None:
     check_choice("errors", cfg.errors, ("strict", "replace"))
     check_flag("pretokenized", cfg.pretokenized)
     check_flag("split", cfg.split)
-    check_output(str(cfg.output), str(cfg.input))
-    lines = read_lines(str(cfg.input), cfg.errors, hint="; pass errors=replace to translate it anyway")
+    if cfg.split and search.nbest > 1:
+        raise Seq2SeqError("split=true gives one translation per line (its sentences rejoined); use nbest=1")
+    if not isinstance(cfg.chunk_lines, int) or cfg.chunk_lines < 1:
+        raise Seq2SeqError(f"chunk_lines={cfg.chunk_lines!r}: expected a whole number of at least 1")
+    source = str(cfg.input)
+    check_output(str(cfg.output), source)
+    if source != "-":
+        for _ in iter_lines(source, cfg.errors, HINT):  # invalid UTF-8 anywhere: one line, before any work
+            pass
     translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
-    if cfg.split:
+    interactive = source == "-" and sys.stdin.isatty()
+    chunk_lines = 1 if interactive else cfg.chunk_lines
+    bar = tqdm(disable=not cfg.progress or interactive, file=sys.stderr, unit="line")
+    with open_output(str(cfg.output)) as out:
+        for text in translate_stream(translator, iter_lines(source, cfg.errors, HINT), search, chunk_lines,
+                                     cfg.pretokenized, cfg.split):
+            out.write(text)
+            out.flush()
+            bar.update(text.count("\n") // (search.nbest if search.nbest > 1 else 1))
+    bar.close()
+
+
+def translate_stream(translator, lines: Iterable[str], search: SearchConfig, chunk_lines: int,
+                     pretokenized: bool = False, split: bool = False) -> Iterator[str]:
+    """The output text of each chunk of `chunk_lines` lines, in order: one line per input line, or
+    `nbest` lines `LINE_NUMBER ||| translation ||| score` per input line."""
+    lines = iter(lines)
+    done = 0
+    while chunk := list(itertools.islice(lines, chunk_lines)):
+        if split:
+            results = [[(t, 0.0)] for t in translator.translate(chunk, search, pretokenized=pretokenized, split=True)]
+        else:
+            results = translator.translate_nbest(chunk, search, pretokenized=pretokenized)
         if search.nbest > 1:
-            raise Seq2SeqError("split=true gives one translation per line (its sentences rejoined); use nbest=1")
-        results = [[(line, 0.0)] for line in translator.translate(lines, search, progress=cfg.progress,
-                                                                  pretokenized=cfg.pretokenized, split=True)]
-    else:
-        results = translator.translate_nbest(lines, search, progress=cfg.progress, pretokenized=cfg.pretokenized)
-    if search.nbest > 1:
-        text = "".join(f"{i} ||| {hyp} ||| {score:.4f}\n" for i, hyps in enumerate(results, 1) for hyp, score in hyps)
-    else:
-        text = "".join(hyps[0][0] + "\n" for hyps in results)
-    write_output(str(cfg.output), text)
+            yield "".join(f"{done + i} ||| {hyp} ||| {score:.4f}\n"
+                          for i, hyps in enumerate(results, 1) for hyp, score in hyps)
+        else:
+            yield "".join(hyps[0][0] + "\n" for hyps in results)
+        done += len(chunk)

@@ -190,3 +190,76 @@ def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_un
     proc = run_py("translate", ckpt, f"input={source}", f"output={source}")
     assert proc.returncode == 1 and "output= is the input file" in proc.stderr
     assert source.read_bytes() == before
+
+
+class Numbered:
+    """A stand-in translator for the streaming loop: each line's translation is its text reversed."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def translate_nbest(self, lines, search, pretokenized=False):
+        self.chunks.append(len(lines))
+        return [[(line[::-1], 0.0), (line, -1.0)][:search.nbest] for line in lines]
+
+
+def test_the_stream_keeps_one_line_per_line_in_order_across_chunks():
+    from seq2seq.search import SearchConfig
+    from seq2seq.translate import translate_stream
+
+    translator, lines = Numbered(), [f"line {i}" for i in range(7)] + [""]
+    out = "".join(translate_stream(translator, iter(lines), SearchConfig(beam_size=2, nbest=1), chunk_lines=3))
+    assert out.splitlines() == [line[::-1] for line in lines] and translator.chunks == [3, 3, 2]
+    out = "".join(translate_stream(Numbered(), iter(lines), SearchConfig(beam_size=2, nbest=2), chunk_lines=3))
+    numbers = [int(row.split(" ||| ")[0]) for row in out.splitlines()]
+    assert numbers == [i for i in range(1, 9) for _ in range(2)]  # numbered across chunks, n-best per line
+
+
+def test_the_stream_is_lazy_the_first_chunk_comes_before_the_rest_is_read():
+    from seq2seq.search import SearchConfig
+    from seq2seq.translate import translate_stream
+
+    read = []
+
+    def source():
+        for i in range(10):
+            read.append(i)
+            yield f"x{i}"
+
+    stream = translate_stream(Numbered(), source(), SearchConfig(beam_size=1), chunk_lines=2)
+    assert next(stream) == "0x\n1x\n" and read == [0, 1]  # the third line is not even read yet
+
+
+@pytest.mark.slow
+def test_cli_streams_piped_input(smoke_run):
+    """The first translations come out while stdin is still open."""
+    proc = subprocess.Popen([sys.executable, "run.py", "translate", f"ckpt={smoke_run}/checkpoints/best.ckpt",
+                             "chunk_lines=2", "beam_size=1", "progress=false"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc.stdin.write("The cat eats the fish.\nThe big dog ate the red apple.\n")
+    proc.stdin.flush()
+    first = proc.stdout.readline()  # answered before more input exists
+    proc.stdin.write("Does the cat read the book?\n")
+    proc.stdin.close()
+    rest = proc.stdout.read().splitlines()
+    assert proc.wait(60) == 0 and first.strip() and len(rest) == 2
+
+
+@pytest.mark.slow
+def test_cli_on_a_terminal_answers_each_line_as_it_is_typed(smoke_run):
+    import os
+    import pty
+    import select
+
+    terminal, typed = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "run.py", "translate", f"ckpt={smoke_run}/checkpoints/best.ckpt",
+                             "beam_size=1"], cwd=ROOT, stdin=typed, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        os.write(terminal, b"The cat eats the fish.\n")
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # the event: an answer, with the terminal open
+        assert ready and proc.stdout.readline().strip()
+    finally:
+        proc.kill()
+        os.close(terminal)
+        os.close(typed)
