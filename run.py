@@ -58,8 +58,15 @@ def serve(cfg):
     serve(cfg)
 
 
+def export(cfg):
+    from seq2seq.export import export
+
+    export(cfg)
+
+
 COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize,
-            "explain": explain, "serve": serve}
+            "explain": explain, "serve": serve,
+            "export": export}
 
 
 def report(argv: list[str]) -> None:

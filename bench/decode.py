@@ -3,7 +3,7 @@ CTranslate2.
 
 Each system runs in its own process (so peak RSS is its own) on the small_parallel_enja test set
 (500 sentences). Our model is the trained checkpoint, and CTranslate2 runs the same trained weights
-(exported by bench/ct2_export.py), so their natural-length rows compare directly, BLEU included.
+(exported by `run.py export format=ctranslate2`, seq2seq/export.py), so their natural-length rows compare directly, BLEU included.
 Marian has the same shape but random weights, so only the *forced-length* rows (every system
 emits exactly --forced-len tokens per sentence) compare all three decoders. Every system runs at
 several batch sizes, and the ratios compare each one's fastest (Marian's generate() is not fastest
@@ -80,7 +80,7 @@ def run_ctranslate2(args, lines) -> list[dict]:
 
     import ctranslate2
 
-    from ct2_export import export  # bench/ is on sys.path when this script runs
+    from seq2seq.export import export_ctranslate2 as export
     from seq2seq.checkpoint import load_model
     from seq2seq.metrics import corpus_scores
 

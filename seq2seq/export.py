@@ -1,21 +1,17 @@
-"""Export a seq2seq checkpoint to a CTranslate2 model directory, so bench/decode.py can run the same
-trained weights in CTranslate2 (no Hugging Face model in between).
+"""`run.py export`: a checkpoint as a model directory for the runtimes people deploy.
 
-    python bench/ct2_export.py runs/x/checkpoints/best.ckpt /tmp/ct2_model
-
-Our layers map one to one onto CTranslate2's TransformerSpec: fused query/key/value for
-self-attention, query + fused key/value for cross-attention, pre-norm LayerNorms per sublayer,
-a final LayerNorm per stack, embeddings scaled by sqrt(d_model) plus our sinusoidal table,
-and the output projection tied to the embedding.
+format=ctranslate2 builds CTranslate2's TransformerSpec through its own spec API (the converters'
+building blocks) and saves it with the SentencePiece model beside it. Our layers map one to one:
+fused query/key/value for self-attention, query + fused key/value for cross-attention, pre-norm
+LayerNorms per sublayer, a final LayerNorm per stack, embeddings scaled by sqrt(d_model) plus our
+sinusoidal table, and the output projection tied to the embedding.
 """
 import math
-import sys
 from pathlib import Path
 
-import ctranslate2
 import torch
-from ctranslate2.specs import common_spec, transformer_spec
 
+from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_model
 
 
@@ -41,11 +37,14 @@ def set_stack_common(spec, model) -> None:
     spec.position_encodings.encodings = model.positions.numpy()
 
 
-def export(ckpt: str, out_dir: str) -> None:
+def export_ctranslate2(ckpt: str, out_dir: str) -> None:
+    """A CTranslate2 model directory (model.bin, vocabularies) plus the SentencePiece model, spm.model."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
     model, tokenizer, _ = load_model(ckpt)
     cfg = model.cfg
     if not cfg.pre_norm:
-        sys.exit("only pre-norm models are exported")
+        raise Seq2SeqError(f"{ckpt}: a post-norm model; only pre-norm models export to CTranslate2")
     spec = transformer_spec.TransformerSpec.from_config((cfg.n_enc_layers, cfg.n_dec_layers), cfg.n_heads,
                                                         pre_norm=True, activation=common_spec.Activation.RELU)
     set_stack_common(spec.encoder, model)
@@ -81,8 +80,17 @@ def export(ckpt: str, out_dir: str) -> None:
     spec.optimize(quantization=None)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     spec.save(out_dir)
+    (Path(out_dir) / "spm.model").write_bytes(tokenizer.model_proto)
 
 
-if __name__ == "__main__":
-    export(sys.argv[1], sys.argv[2])
-    print(f"CTranslate2 {ctranslate2.__version__} model written to {sys.argv[2]}")
+def export(cfg) -> None:
+    from seq2seq.config import check_choice
+
+    check_choice("format", cfg.format, ("ctranslate2",))
+    if Path(str(cfg.output)).exists() and any(Path(str(cfg.output)).iterdir()):
+        raise Seq2SeqError(f"{cfg.output}: exists and is not empty; choose a new directory")
+    try:
+        export_ctranslate2(str(cfg.ckpt), str(cfg.output))
+    except ImportError:
+        raise Seq2SeqError("format=ctranslate2 needs the ctranslate2 package: pip install -e '.[export]'") from None
+    print(f"wrote {cfg.output}: CTranslate2 model (model.bin, vocabularies) and spm.model")
