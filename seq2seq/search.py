@@ -25,6 +25,11 @@ class SearchConfig:
     max_tokens: int = 4096  # batch budget in padded source tokens (translate, evaluate)
     precision: str | int = "auto"  # auto, 32, bf16, 16 or int8 (seq2seq/hardware.py); Hydra reads 32 as an int
     device: str = "auto"  # auto (the CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N
+    sample: bool = False  # draw each token instead of searching (one translation per line)
+    temperature: float = 1.0  # sampling: logits / temperature (below 1: closer to greedy)
+    top_k: int = 0  # sampling: only the k most probable tokens (0: all)
+    top_p: float = 1.0  # sampling: only the most probable tokens whose probabilities sum to p (nucleus)
+    seed: int = 0  # sampling: the same seed, input and settings give the same output
 
     def __post_init__(self):
         for name in ("beam_size", "nbest", "max_tokens"):
@@ -33,6 +38,11 @@ class SearchConfig:
         for name in ("alpha", "min_len", "max_len_a", "max_len_b"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: "
+                             "need temperature > 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.sample and self.nbest > 1:
+            raise ValueError(f"sample=true draws one translation per line; nbest={self.nbest} needs beam search")
         if self.nbest > self.beam_size:
             raise ValueError(f"nbest={self.nbest} exceeds beam_size={self.beam_size}: a beam keeps only that many")
         try:
@@ -53,10 +63,11 @@ def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: f
 @torch.no_grad()
 def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
                   search: SearchConfig) -> torch.Tensor:
-    """Pick the most probable token at each step until every sentence has produced eos.
+    """Pick the most probable token at each step (or draw one, with `search.sample`) until every sentence
+    has produced eos.
 
-    A sentence that reaches its length limit (`max_output_lens`) gets eos there; of `search`, only the
-    length limit applies.
+    A sentence that reaches its length limit (`max_output_lens`) gets eos there; of `search`, the length
+    limit and the sampling settings apply.
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: (B, T) ids without bos; eos ends each sentence, pad follows it.
     """
@@ -65,14 +76,31 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
     limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,)
     cache = [{} for _ in model.decoder_layers]
+    generator = torch.Generator(src.device).manual_seed(search.seed) if search.sample else None
     for step in range(int(limit.max()) + 1):
         logits = model.project(model.decode_step(ys[:, -1:], memory, src_pad_mask, cache))  # (B, V)
-        next_token = logits.argmax(-1).masked_fill(limit.eq(step), EOS_ID).masked_fill(finished, PAD_ID)  # (B,)
+        chosen = draw(logits, search, generator) if search.sample else logits.argmax(-1)
+        next_token = chosen.masked_fill(limit.eq(step), EOS_ID).masked_fill(finished, PAD_ID)  # (B,)
         ys = torch.cat([ys, next_token[:, None]], dim=1)
         finished |= next_token.eq(EOS_ID)
         if finished.all():
             break
     return ys[:, 1:]
+
+
+def draw(logits: torch.Tensor, search: SearchConfig, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), cut to the top_k and the top_p nucleus. (B,)"""
+    scores = logits.float() / search.temperature  # (B, V)
+    scores[:, [PAD_ID, BOS_ID]] = float("-inf")  # never drawn: they are not words
+    if search.top_k:
+        kth = scores.topk(min(search.top_k, scores.size(-1))).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if search.top_p < 1:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability mass ahead of each token
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= search.top_p)
+        scores = scores.masked_fill(drop, float("-inf"))  # the most probable token always stays
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def length_penalty(length: int, alpha: float) -> float:

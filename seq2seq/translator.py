@@ -15,7 +15,7 @@ from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
 from seq2seq.int8 import Int8Transformer
-from seq2seq.search import SearchConfig, beam_search
+from seq2seq.search import SearchConfig, beam_search, greedy_search
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
@@ -124,13 +124,20 @@ class Translator:
             for batch in batches:
                 rows = [todo[i] for i in batch]
                 src = pad_batch([ids[r] for r in rows]).to(model.embed.weight.device)
-                hyps = beam_search(model, src, model.pad_mask(src), search)
+                hyps = (sampled(model, src, search) if search.sample
+                        else beam_search(model, src, model.pad_mask(src), search))
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                     out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
                 bar.update(len(rows))
         bar.close()
         return out
+
+
+def sampled(model, src: torch.Tensor, search: SearchConfig) -> list[list[tuple[list[int], float]]]:
+    """Sampling's one translation per sentence in beam_search's n-best form (no score: 0.0)."""
+    rows = greedy_search(model, src, model.pad_mask(src), search).tolist()
+    return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, 0.0)] for row in rows]
 
 
 def pad_batch(seqs: list[list[int]]) -> torch.Tensor:

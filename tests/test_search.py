@@ -163,3 +163,41 @@ def test_blockwise_topk_equals_topk(V):
     values, ids = blockwise_topk(x, 10)
     expected_values, expected_ids = x.topk(10, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+
+
+def test_sampling_is_reproducible_for_a_seed_and_differs_across_seeds(tiny_model):
+    src, _ = batch(tiny_model.cfg.vocab_size, B=3)
+    mask = tiny_model.pad_mask(src)
+    draw = lambda **kw: greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1, sample=True, **kw))  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(draw(seed=1), draw(seed=1))
+        assert not torch.equal(draw(seed=1), draw(seed=2))
+        greedy = greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1))
+        # rows where this untrained model's argmax is a word (sampling never draws <pad> or <s>)
+        words = [r for r, row in enumerate(greedy.tolist()) if BOS_ID not in row[:row.index(EOS_ID)]]
+        assert words
+        assert torch.equal(draw(seed=1, top_k=1)[words], greedy[words])  # top_k=1 leaves only the argmax
+        assert torch.equal(draw(seed=3, top_p=1e-6)[words], greedy[words])  # so does a tiny nucleus
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    from seq2seq.search import draw
+
+    logits = torch.log(torch.tensor([[0.05, 0.05, 0.05, 0.05, 0.5, 0.3, 0.1, 0.0 + 1e-9]]))  # ids 4, 5, 6 likely
+    generator = torch.Generator().manual_seed(0)
+    drawn = {int(draw(logits, SearchConfig(beam_size=1, sample=True, top_k=2), generator)) for _ in range(200)}
+    assert drawn == {4, 5}
+    drawn = {int(draw(logits, SearchConfig(beam_size=1, sample=True, top_p=0.75), generator)) for _ in range(200)}
+    assert drawn == {4, 5}  # 0.5 + 0.3 reaches 0.75: the nucleus is ids 4 and 5
+    drawn = {int(draw(logits, SearchConfig(beam_size=1, sample=True), generator)) for _ in range(400)}
+    assert {0, 2} & drawn == set() and {4, 5, 6} <= drawn  # pad and bos never; the rest by probability
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(sample=True, nbest=2), "sample=true draws one translation per line"),
+    (dict(temperature=0.0), "need temperature > 0"),
+    (dict(top_p=1.5), "0 < top_p <= 1"),
+])
+def test_impossible_sampling_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**settings)
