@@ -146,10 +146,24 @@ def train_job(cfg: DictConfig) -> float:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out))
     train_time = time.perf_counter() - start
-    trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None)
+    if not checkpoint.best_model_path:  # it ended before its first validation (max_steps or max_time inside an epoch)
+        score_final_weights(trainer, module, datamodule, checkpoint, out)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best")
     if not trainer.is_global_zero:  # under DDP every rank decodes the same dev/test sets; rank 0 reports
         return float(checkpoint.best_model_score or float("nan"))
     return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
+
+
+def score_final_weights(trainer: L.Trainer, module: TranslationModule, datamodule, checkpoint: ModelCheckpoint,
+                        out: Path) -> None:
+    """Validate the final weights and keep them as best.ckpt: no run ends without a scored checkpoint."""
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    path = out / "checkpoints" / "best.ckpt"
+    # set first: the checkpoint carries this callback's state, which trainer.test restores from it
+    checkpoint.best_model_path, checkpoint.best_model_score = str(path), torch.tensor(metrics[MONITOR])
+    trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically, AtomicCheckpointIO)
+    log.info("no validation during training: the final weights scored val/bleu %.2f, saved as %s",
+             metrics[MONITOR], path)
 
 
 def resume_path(ckpt_path: str | None, out: Path) -> str | None:

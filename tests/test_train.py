@@ -315,3 +315,15 @@ def test_train_on_a_full_disk_or_an_unwritable_run_dir_is_one_line(tmp_path, dat
     (tmp_path / "a_file").write_text("")
     proc = run_py(*args, f"hydra.run.dir={tmp_path}/a_file/run")
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'"
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_before_its_first_validation_still_scores_and_keeps_a_checkpoint(tmp_path, data_dir):
+    """max_steps inside the first epoch with validation once per epoch: validated at the end, best.ckpt kept."""
+    proc = run_py("train", "experiment=smoke", "trainer.max_steps=20", "trainer.val_check_interval=1.0",
+                  "trainer.check_val_every_n_epoch=1", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
+                  f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["val/bleu"] is not None and results["best_checkpoint"] == str(tmp_path / "checkpoints" / "best.ckpt")
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")["global_step"] == 20
