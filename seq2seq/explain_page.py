@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
 from seq2seq.explain import AttentionSteps, attention_module, attention_steps, head_importance, top_predictions
-from seq2seq.visualize import label_axes, save_figure
+from seq2seq.plots import heat_map
 
 
 def explain(cfg: DictConfig) -> None:
@@ -48,25 +48,6 @@ def explain(cfg: DictConfig) -> None:
         raise Seq2SeqError(f"{out}: cannot create ({e.strerror or e})") from None
     write_page(out, heads, cfg.head, labels, drops, predictions, tokenizer.pieces(tgt_ids) + ["</s>"])
     print(f"wrote {out}/explain.html and its PNGs")
-
-
-def heat_map(matrix: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path, vmin=None,
-             vmax=None, cmap: str = "Blues") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib_fontja
-
-    matplotlib_fontja.japanize()
-    image = matrix.float().clone()
-    image[torch.isinf(image)] = float("nan")  # hidden cells drawn blank
-    fig, ax = plt.subplots(figsize=(0.3 * len(cols) + 2.5, 0.3 * len(rows) + 1.5))
-    shown = ax.imshow(image.numpy(), cmap=matplotlib.colormaps[cmap].with_extremes(bad="lightgrey"),
-                      vmin=vmin, vmax=vmax, aspect="auto")
-    fig.colorbar(shown, ax=ax, shrink=0.8)
-    label_axes(ax, rows, cols, fontsize=7)
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path, dpi=100)
 
 
 def pictures(out: Path, heads: list[AttentionSteps], head: int, labels, drops, targets) -> dict[str, Path]:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from seq2seq import Seq2SeqError
 from seq2seq.attention import MultiHeadAttention
 from seq2seq.model import Transformer
+from seq2seq.plots import plot_grid
 from seq2seq.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 
@@ -66,47 +67,6 @@ def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int],
     src, tgt = tokenizer.pieces(src_ids), tokenizer.pieces(tgt_ids)
     return AttentionMaps(src + ["</s>"], ["<s>"] + tgt, tgt + ["</s>"], encoder.float().cpu(), decoder.float().cpu(),
                          cross.float().cpu())
-
-
-def plot_grid(weights: torch.Tensor, rows: list[str], cols: list[str], title: str, path: Path,
-              causal: bool = False) -> None:
-    """One heat map per layer (rows of the figure) and head (columns); causal: the masked future is blank."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib_fontja
-
-    matplotlib_fontja.japanize()
-    L, H = weights.shape[:2]
-    cell = 0.22 * max(len(rows), len(cols)) + 1
-    fig, axes = plt.subplots(L, H, figsize=(max(cell * H, 6), cell * L), squeeze=False)
-    for layer in range(L):
-        for head in range(H):
-            ax = axes[layer][head]
-            image = weights[layer, head].clone()
-            if causal:
-                image[torch.ones_like(image, dtype=torch.bool).triu(1)] = float("nan")
-            cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white")
-            ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=1)
-            if L * H > 1:
-                ax.set_title(f"layer {layer + 1} head {head + 1}", fontsize=8)
-            label_axes(ax, rows, cols, fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, path, dpi=110)
-
-
-def label_axes(ax, rows: list[str], cols: list[str], fontsize: int) -> None:
-    """Token pieces along both axes (SentencePiece's word-start mark ▁ shown as _)."""
-    ax.set_xticks(range(len(cols)), [c.replace("▁", "_") for c in cols], rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(len(rows)), [r.replace("▁", "_") for r in rows], fontsize=fontsize)
-
-
-def save_figure(fig, path: Path, dpi: int) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
 
 
 def text_report(maps: AttentionMaps, top: int = 3) -> str:
