@@ -6,13 +6,16 @@ fused query/key/value for self-attention, query + fused key/value for cross-atte
 LayerNorms per sublayer, a final LayerNorm per stack, embeddings scaled by sqrt(d_model) plus our
 sinusoidal table, and the output projection tied to the embedding.
 """
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_model
+from seq2seq.files import write_text
 
 
 def set_linear(spec, weight, bias=None) -> None:
@@ -38,10 +41,11 @@ def set_stack_common(spec, model) -> None:
 
 
 def export_ctranslate2(ckpt: str, out_dir: str) -> None:
-    """A CTranslate2 model directory (model.bin, vocabularies) plus the SentencePiece model, spm.model."""
+    """A CTranslate2 model directory (model.bin, vocabularies) plus the SentencePiece model (spm.model) and
+    what `translate backend=ctranslate2` needs to prepare text as ours does (seq2seq.json: TextInfo, max_len)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
-    model, tokenizer, _ = load_model(ckpt)
+    model, tokenizer, info = load_model(ckpt)
     cfg = model.cfg
     if not cfg.pre_norm:
         raise Seq2SeqError(f"{ckpt}: a post-norm model; only pre-norm models export to CTranslate2")
@@ -81,6 +85,7 @@ def export_ctranslate2(ckpt: str, out_dir: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     spec.save(out_dir)
     (Path(out_dir) / "spm.model").write_bytes(tokenizer.model_proto)
+    write_text(Path(out_dir) / "seq2seq.json", json.dumps({"text_info": asdict(info), "max_len": cfg.max_len}) + "\n")
 
 
 def export(cfg) -> None:
@@ -93,4 +98,5 @@ def export(cfg) -> None:
         export_ctranslate2(str(cfg.ckpt), str(cfg.output))
     except ImportError:
         raise Seq2SeqError("format=ctranslate2 needs the ctranslate2 package: pip install -e '.[export]'") from None
-    print(f"wrote {cfg.output}: CTranslate2 model (model.bin, vocabularies) and spm.model")
+    print(f"wrote {cfg.output}: CTranslate2 model (model.bin, vocabularies), spm.model, seq2seq.json; "
+          f"translate with: python run.py translate backend=ctranslate2 ckpt={cfg.output}")

@@ -16,7 +16,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.config import check_choice, check_flag, search_config
 from seq2seq.files import check_output, iter_lines, open_output
 from seq2seq.search import SearchConfig
-from seq2seq.translator import Translator
+from seq2seq.translator import load_translator
 
 HINT = "; pass errors=replace to translate it anyway"
 
@@ -35,7 +35,7 @@ def translate(cfg: DictConfig) -> None:
     if source != "-":
         for _ in iter_lines(source, cfg.errors, HINT):  # invalid UTF-8 anywhere: one line, before any work
             pass
-    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    translator = load_translator(cfg.backend, cfg.ckpt, search.device)
     interactive = source == "-" and sys.stdin.isatty()
     chunk_lines = 1 if interactive else cfg.chunk_lines
     bar = tqdm(disable=not cfg.progress or interactive, file=sys.stderr, unit="line")

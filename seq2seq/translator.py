@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import TextInfo, load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
@@ -38,6 +39,7 @@ class Translator:
         self.model = model.eval().to(self.device)
         self.int8_model: Int8Transformer | None = None
         self.pretokenized = info.pretokenized
+        self.max_len = model.cfg.max_len  # positions the model has
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
@@ -77,7 +79,7 @@ class Translator:
     def encode(self, lines: list[str]) -> list[list[int]]:
         """Encode prepared lines and cut those the model cannot take (with a warning naming them)."""
         ids = self.tokenizer.encode(lines)
-        limit = self.model.cfg.max_len - 1  # room for eos
+        limit = self.max_len - 1  # room for eos
         for lineno, seq in enumerate(ids, 1):
             if len(seq) > limit:
                 print(f"warning: line {lineno}: {len(seq)} tokens, truncated to {limit}", file=sys.stderr)
@@ -146,3 +148,74 @@ def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
     for b, s in enumerate(seqs):
         src[b, :len(s) + 1] = torch.tensor(s + [EOS_ID])
     return src
+
+
+class CTranslate2Translator(Translator):
+    """A model exported by `run.py export format=ctranslate2`, decoded by CTranslate2, with the same text
+    preparation, sentence splitting and naturalizing as Translator (`translate backend=ctranslate2`).
+
+    Search settings map to CTranslate2's: precision (compute_type; auto is CTranslate2's own), beam_size, nbest (num_hypotheses), min_len, max_len_b (+ the
+    source length times max_len_a, as a cap for the whole batch), sample/temperature/top_k/seed. Its
+    length penalty differs from our GNMT alpha, so beam outputs can differ; greedy output is the same.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str = "auto"):
+        import json
+
+        import ctranslate2
+
+        from seq2seq.tokenizer import Tokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "model.bin").is_file() or not (model_dir / "seq2seq.json").is_file():
+            raise Seq2SeqError(f"{model_dir}: not a CTranslate2 export (run.py export format=ctranslate2 writes one)")
+        meta = json.loads((model_dir / "seq2seq.json").read_text(encoding="utf-8"))
+        self.tokenizer, self.info = Tokenizer((model_dir / "spm.model").read_bytes()), TextInfo(**meta["text_info"])
+        self.pretokenized, self.max_len = self.info.pretokenized, meta["max_len"]
+        self.device, self.model_dir = resolve_device(device, this_machine()), model_dir
+        self.ct2: dict[str, ctranslate2.Translator] = {}  # by compute type, loaded at first use
+
+    def runtime(self, precision: str):
+        """CTranslate2 at `precision` (auto: CTranslate2's own choice for this machine)."""
+        import ctranslate2
+
+        compute_type = {"auto": "auto", "32": "float32", "bf16": "bfloat16", "16": "float16", "int8": "int8"}[precision]
+        if compute_type not in self.ct2:
+            self.ct2[compute_type] = ctranslate2.Translator(str(self.model_dir), device=self.device.type,
+                                                            compute_type=compute_type)
+        return self.ct2[compute_type]
+
+    def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
+                        pretokenized: bool = False, **settings) -> list[list[tuple[str, float]]]:
+        search = replace(search or SearchConfig(), **settings)
+        ids = self.encode(self.prepare(lines, pretokenized))
+        todo = [i for i, s in enumerate(ids) if s]
+        out: list = [[("", 0.0)] for _ in lines]
+        longest = max((len(ids[i]) + 1 for i in todo), default=1)
+        if search.sample:
+            import ctranslate2
+
+            ctranslate2.set_random_seed(search.seed)
+        results = self.runtime(search.precision).translate_batch(
+            [self.tokenizer.pieces(ids[i]) + ["</s>"] for i in todo], max_batch_size=search.max_tokens,
+            batch_type="tokens", beam_size=1 if search.sample else search.beam_size, num_hypotheses=search.nbest,
+            return_scores=True, min_decoding_length=search.min_len,
+            max_decoding_length=min(int(search.max_len_a * longest + search.max_len_b), self.max_len - 1) + 1,
+            sampling_topk=(search.top_k or 0) if search.sample else 1, sampling_topp=search.top_p,
+            sampling_temperature=search.temperature)
+        for i, result in zip(todo, results):
+            texts = [self.tokenizer.sp.decode_pieces(hyp) for hyp in result.hypotheses]
+            out[i] = [(self.finish(t, pretokenized), s) for t, s in zip(texts, result.scores)]
+        return out
+
+
+def load_translator(backend: str, ckpt: str, device: str) -> Translator:
+    """`backend=torch`: our decoder on a checkpoint; `ctranslate2`: CTranslate2 on an exported directory."""
+    if backend not in ("torch", "ctranslate2"):
+        raise Seq2SeqError(f"backend={backend!r}: expected one of torch, ctranslate2")
+    if backend == "torch":
+        return Translator.from_checkpoint(ckpt, device=device)
+    try:
+        return CTranslate2Translator(ckpt, device=device)
+    except ImportError:
+        raise Seq2SeqError("backend=ctranslate2 needs the ctranslate2 package: pip install -e '.[export]'") from None

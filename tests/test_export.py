@@ -1,4 +1,4 @@
-"""`run.py export format=ctranslate2`: the exported model decodes as ours does."""
+"""`run.py export format=ctranslate2` and `translate backend=ctranslate2`: the exported model decodes as ours does."""
 import pytest
 
 from tests.conftest import run_py
@@ -28,6 +28,14 @@ def test_ctranslate2_export_decodes_like_our_greedy_search(smoke_run, tmp_path, 
                                                            max_decoding_length=128)]
     same = sum(a == b for a, b in zip(ours, theirs))
     assert same == len(lines), f"{same} of {len(lines)} identical"  # token for token
+
+    # translate backend=ctranslate2: the same preparation and output as our own decoder (greedy, fp32)
+    (tmp_path / "in.en").write_text("\n".join(lines[:20] + ["", "Two sentences. In one line."]) + "\n")
+    args = [f"input={tmp_path}/in.en", "beam_size=1", "progress=false", "split=true"]
+    ours = run_py("translate", f"ckpt={ckpt}", "precision=32", *args)
+    theirs = run_py("translate", "backend=ctranslate2", f"ckpt={tmp_path}/ct2", "precision=32", *args)
+    assert ours.returncode == theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout == ours.stdout and len(theirs.stdout.splitlines()) == 22
 
     proc = run_py("export", f"ckpt={ckpt}", "format=onnx", f"output={tmp_path}/x")
     assert proc.returncode == 1 and "format='onnx': expected one of ctranslate2" in proc.stderr
