@@ -119,13 +119,14 @@ def reorder_cache(cache: list[dict], order: torch.Tensor) -> None:
 
 @torch.no_grad()
 def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
-                search: SearchConfig) -> list[list[tuple[list[int], float]]]:
+                search: SearchConfig, prefix: torch.Tensor | None = None) -> list[list[tuple[list[int], float]]]:
     """Keep the beam_size best prefixes per sentence; finished hypotheses are ranked by log P / lp.
 
     Outputs have at least `min_len` and at most `max_len_a * S + max_len_b` tokens before eos, S being
-    each sentence's own source length (`max_output_lens`).
+    each sentence's own source length (`max_output_lens`). A `prefix` forces each sentence's first
+    tokens (its score still counts their log P).
 
-    Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
+    Args: src (B, S) ids; src_pad_mask (B, S), True at padding; prefix (B, P) ids, -1 after a sentence's own.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
     """
     K, alpha, min_len = search.beam_size, search.alpha, search.min_len
@@ -137,13 +138,17 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
     limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,): at most limit, then eos
+    if prefix is not None:  # room for the whole prefix before the forced eos
+        limit = torch.maximum(limit, (prefix >= 0).sum(1).clamp(max=model.cfg.max_len - 2))
     for step in range(int(limit.max()) + 1):
         B = alive.size(0)
         h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
+        forced = prefix[:, step].repeat_interleave(K) if prefix is not None and step < prefix.size(1) else None
         # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
         # those are added to the prefix scores: no (B*K, V) sum is built.
         beam_log_probs, beam_tokens = top_next_tokens(model, h, 2 * K, eos_allowed=step >= min_len,
-                                                      must_end=limit.eq(step).repeat_interleave(K))  # (B*K, 2K)
+                                                      must_end=limit.eq(step).repeat_interleave(K),
+                                                      forced=forced)  # (B*K, 2K)
         candidates = (scores.view(B * K, 1) + beam_log_probs).view(B, K * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
         beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
@@ -158,6 +163,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         if not searching.all():  # drop sentences with K finished hypotheses: later steps skip their rows
             keep = searching.nonzero().squeeze(1)
             alive, scores, order, next_token, limit = alive[keep], scores[keep], order[keep], next_token[keep], limit[keep]
+            prefix = prefix[keep] if prefix is not None else None
             memory, src_pad_mask = memory[keep], src_pad_mask[keep]
             drop_sentences(cache, keep)
         order = order.view(-1)  # (B'*K,)
@@ -174,19 +180,26 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
                 layer["cross"][name] = layer["cross"][name].index_select(0, keep)
 
 
-def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool,
-                    must_end: torch.Tensor, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor,
+                    forced: torch.Tensor | None = None, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
     (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time so
     that each (rows, V) block of logits stays in the CPU cache through the projection, the fp32
-    log-normalizer and the top-k (one pass over memory, not five).
+    log-normalizer and the top-k (one pass over memory, not five). `forced` (N,): a token id a row must
+    take (a target prefix), or -1.
     """
     top_log_probs, top_ids = [], []
-    for part, ends in zip(h.split(rows_per_chunk), must_end.split(rows_per_chunk)):
+    forced = forced if forced is not None else torch.full_like(must_end, -1, dtype=torch.long)
+    for part, ends, force in zip(h.split(rows_per_chunk), must_end.split(rows_per_chunk), forced.split(rows_per_chunk)):
         logits = model.project(part).float()  # (C, V)
         log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
+        if (force >= 0).any():  # every other token of a forced row is impossible
+            rows = (force >= 0).nonzero().squeeze(1)
+            kept = logits[rows, force[rows]]
+            logits[rows] = float("-inf")
+            logits[rows, force[rows]] = kept
         if not eos_allowed:
             logits[:, EOS_ID].masked_fill_(~ends, float("-inf"))
         if ends.any():

@@ -28,20 +28,23 @@ def translate(cfg: DictConfig) -> None:
     check_flag("split", cfg.split)
     if cfg.split and search.nbest > 1:
         raise Seq2SeqError("split=true gives one translation per line (its sentences rejoined); use nbest=1")
+    if cfg.split and cfg.prefix is not None:
+        raise Seq2SeqError("prefix= gives one prefix per line; split=true would split the line but not its prefix")
     if not isinstance(cfg.chunk_lines, int) or cfg.chunk_lines < 1:
         raise Seq2SeqError(f"chunk_lines={cfg.chunk_lines!r}: expected a whole number of at least 1")
     source = str(cfg.input)
     check_output(str(cfg.output), source)
-    if source != "-":
-        for _ in iter_lines(source, cfg.errors, HINT):  # invalid UTF-8 anywhere: one line, before any work
+    for path in [p for p in (source, cfg.prefix) if p is not None and p != "-"]:
+        for _ in iter_lines(path, cfg.errors, HINT):  # invalid UTF-8 anywhere: one line, before any work
             pass
+    prefixes = iter_lines(str(cfg.prefix), cfg.errors, HINT) if cfg.prefix is not None else None
     translator = load_translator(cfg.backend, cfg.ckpt, search.device)
     interactive = source == "-" and sys.stdin.isatty()
     chunk_lines = 1 if interactive else cfg.chunk_lines
     bar = tqdm(disable=not cfg.progress or interactive, file=sys.stderr, unit="line")
     with open_output(str(cfg.output)) as out:
         for text in translate_stream(translator, iter_lines(source, cfg.errors, HINT), search, chunk_lines,
-                                     cfg.pretokenized, cfg.split):
+                                     cfg.pretokenized, cfg.split, prefixes):
             out.write(text)
             out.flush()
             bar.update(text.count("\n") // (search.nbest if search.nbest > 1 else 1))
@@ -49,19 +52,27 @@ def translate(cfg: DictConfig) -> None:
 
 
 def translate_stream(translator, lines: Iterable[str], search: SearchConfig, chunk_lines: int,
-                     pretokenized: bool = False, split: bool = False) -> Iterator[str]:
+                     pretokenized: bool = False, split: bool = False,
+                     prefixes: Iterable[str] | None = None) -> Iterator[str]:
     """The output text of each chunk of `chunk_lines` lines, in order: one line per input line, or
-    `nbest` lines `LINE_NUMBER ||| translation ||| score` per input line."""
+    `nbest` lines `LINE_NUMBER ||| translation ||| score` per input line. `prefixes`: one target
+    prefix per line, read alongside."""
     lines = iter(lines)
+    prefixes = iter(prefixes) if prefixes is not None else None
     done = 0
     while chunk := list(itertools.islice(lines, chunk_lines)):
+        forced = list(itertools.islice(prefixes, len(chunk))) if prefixes is not None else None
+        if forced is not None and len(forced) < len(chunk):
+            raise Seq2SeqError(f"prefix= has {done + len(forced)} lines but the input has more: give one per line")
         if split:
             results = [[(t, 0.0)] for t in translator.translate(chunk, search, pretokenized=pretokenized, split=True)]
         else:
-            results = translator.translate_nbest(chunk, search, pretokenized=pretokenized)
+            results = translator.translate_nbest(chunk, search, pretokenized=pretokenized, prefixes=forced)
         if search.nbest > 1:
             yield "".join(f"{done + i} ||| {hyp} ||| {score:.4f}\n"
                           for i, hyps in enumerate(results, 1) for hyp, score in hyps)
         else:
             yield "".join(hyps[0][0] + "\n" for hyps in results)
         done += len(chunk)
+    if prefixes is not None and next(prefixes, None) is not None:
+        raise Seq2SeqError(f"prefix= has more lines than the input's {done}: give one per line")

@@ -101,6 +101,16 @@ class Translator:
             best = [hyps[0][0] for hyps in self.translate_nbest(lines, search, progress, pretokenized, **settings)]
         return best[0] if single else best
 
+    def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool,
+                   search: SearchConfig) -> list[list[int]] | None:
+        if prefixes is None:
+            return None
+        if len(prefixes) != n:
+            raise Seq2SeqError(f"{len(prefixes)} prefixes for {n} lines: give one per line (an empty one for none)")
+        if search.sample:
+            raise Seq2SeqError("a prefix needs beam search; sample=true draws freely")
+        return [seq[:self.max_len - 2] for seq in self.tokenizer.encode(self.prepare(prefixes, pretokenized, "tgt"))]
+
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
         """Each line split into sentences, all sentences translated as one batch, each line rejoined."""
         sentences = [split_sentences(line, self.info.src_lang) for line in lines]
@@ -112,10 +122,13 @@ class Translator:
         return out
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
-                        pretokenized: bool = False, **settings) -> list[list[tuple[str, float]]]:
-        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)]."""
+                        pretokenized: bool = False, prefixes: list[str] | None = None,
+                        **settings) -> list[list[tuple[str, float]]]:
+        """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
+        `prefixes`: one target text per line that its translations must begin with ("" for none)."""
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
+        forced = self.prefix_ids(prefixes, len(lines), pretokenized, search)
         sizes = np.array([len(s) + 1 for s in ids])
         out: list = [[("", 0.0)] for _ in lines]
         todo = [i for i, s in enumerate(ids) if s]
@@ -126,8 +139,9 @@ class Translator:
             for batch in batches:
                 rows = [todo[i] for i in batch]
                 src = pad_batch([ids[r] for r in rows]).to(model.embed.weight.device)
+                prefix = pad_prefix([forced[r] for r in rows], src.device) if forced else None
                 hyps = (sampled(model, src, search) if search.sample
-                        else beam_search(model, src, model.pad_mask(src), search))
+                        else beam_search(model, src, model.pad_mask(src), search, prefix))
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                     out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
@@ -140,6 +154,14 @@ def sampled(model, src: torch.Tensor, search: SearchConfig) -> list[list[tuple[l
     """Sampling's one translation per sentence in beam_search's n-best form (no score: 0.0)."""
     rows = greedy_search(model, src, model.pad_mask(src), search).tolist()
     return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, 0.0)] for row in rows]
+
+
+def pad_prefix(prefixes: list[list[int]], device) -> torch.Tensor:
+    """Target prefixes padded with -1 (no more forced tokens): (B, P)."""
+    out = torch.full((len(prefixes), max(1, max(len(p) for p in prefixes))), -1, dtype=torch.long)
+    for b, p in enumerate(prefixes):
+        out[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return out.to(device)
 
 
 def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
@@ -186,9 +208,11 @@ class CTranslate2Translator(Translator):
         return self.ct2[compute_type]
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
-                        pretokenized: bool = False, **settings) -> list[list[tuple[str, float]]]:
+                        pretokenized: bool = False, prefixes: list[str] | None = None,
+                        **settings) -> list[list[tuple[str, float]]]:
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
+        forced = self.prefix_ids(prefixes, len(lines), pretokenized, search)
         todo = [i for i, s in enumerate(ids) if s]
         out: list = [[("", 0.0)] for _ in lines]
         longest = max((len(ids[i]) + 1 for i in todo), default=1)
@@ -202,7 +226,8 @@ class CTranslate2Translator(Translator):
             return_scores=True, min_decoding_length=search.min_len,
             max_decoding_length=min(int(search.max_len_a * longest + search.max_len_b), self.max_len - 1) + 1,
             sampling_topk=(search.top_k or 0) if search.sample else 1, sampling_topp=search.top_p,
-            sampling_temperature=search.temperature)
+            sampling_temperature=search.temperature,
+            target_prefix=[self.tokenizer.pieces(forced[i]) for i in todo] if forced else None)
         for i, result in zip(todo, results):
             texts = [self.tokenizer.sp.decode_pieces(hyp) for hyp in result.hypotheses]
             out[i] = [(self.finish(t, pretokenized), s) for t, s in zip(texts, result.scores)]

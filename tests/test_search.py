@@ -201,3 +201,18 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 def test_impossible_sampling_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**settings)
+
+
+def test_a_forced_prefix_starts_every_hypothesis_and_its_own_best_prefix_changes_nothing(tiny_model):
+    src, _ = batch(tiny_model.cfg.vocab_size, B=3)
+    mask = tiny_model.pad_mask(src)
+    search = SearchConfig(beam_size=3, nbest=3)
+    with torch.no_grad():
+        free = beam_search(tiny_model, src, mask, search)
+        own = torch.tensor([hyps[0][0][:2] for hyps in free])  # each sentence's own best first two tokens
+        again = beam_search(tiny_model, src, mask, search, prefix=own)
+        assert [hyps[0] for hyps in again] == [hyps[0] for hyps in free]  # same best hypothesis, same score
+        chosen = torch.tensor([[7, 8, 9], [10, -1, -1], [-1, -1, -1]])  # -1: no more prefix for that sentence
+        forced = beam_search(tiny_model, src, mask, search, prefix=chosen)
+    assert all(hyp[:3] == [7, 8, 9] for hyp, _ in forced[0]) and all(hyp[:1] == [10] for hyp, _ in forced[1])
+    assert forced[2] == free[2]  # no prefix: as before

@@ -198,9 +198,10 @@ class Numbered:
     def __init__(self):
         self.chunks = []
 
-    def translate_nbest(self, lines, search, pretokenized=False):
+    def translate_nbest(self, lines, search, pretokenized=False, prefixes=None):
         self.chunks.append(len(lines))
-        return [[(line[::-1], 0.0), (line, -1.0)][:search.nbest] for line in lines]
+        prefixes = prefixes or [""] * len(lines)
+        return [[(p + line[::-1], 0.0), (p + line, -1.0)][:search.nbest] for line, p in zip(lines, prefixes)]
 
 
 def test_the_stream_keeps_one_line_per_line_in_order_across_chunks():
@@ -263,3 +264,30 @@ def test_cli_on_a_terminal_answers_each_line_as_it_is_typed(smoke_run):
         proc.kill()
         os.close(terminal)
         os.close(typed)
+
+
+def test_prefixes_are_read_alongside_the_lines_and_must_match_them():
+    from seq2seq import Seq2SeqError
+    from seq2seq.search import SearchConfig
+    from seq2seq.translate import translate_stream
+
+    search = SearchConfig(beam_size=1)
+    out = "".join(translate_stream(Numbered(), ["ab", "cd", "ef"], search, 2, prefixes=["X", "", "Y"]))
+    assert out.splitlines() == ["Xba", "dc", "Yfe"]
+    with pytest.raises(Seq2SeqError, match="prefix= has 2 lines but the input has more"):
+        "".join(translate_stream(Numbered(), ["ab", "cd", "ef"], search, 2, prefixes=["X", "Y"]))
+    with pytest.raises(Seq2SeqError, match="prefix= has more lines than the input's 3"):
+        "".join(translate_stream(Numbered(), ["ab", "cd", "ef"], search, 2, prefixes=["X", "Y", "Z", "W"]))
+
+
+@pytest.mark.slow
+def test_cli_prefix_file_forces_how_each_translation_begins(smoke_run, translator, tmp_path):
+    (tmp_path / "in.en").write_text("The big dog ate the red apple.\nDoes the cat read the book?\n")
+    free = translator.translate(["The big dog ate the red apple.", "Does the cat read the book?"], beam_size=3,
+                                precision="32")
+    (tmp_path / "prefix.ja").write_text("猫は\n\n")
+    proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/in.en",
+                  f"prefix={tmp_path}/prefix.ja", "beam_size=3", "precision=32", "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert first.startswith("猫は") and not free[0].startswith("猫は") and second == free[1]
