@@ -1,5 +1,6 @@
 """Files in and out, in one place: lines read with the file and line named in errors, and every output
 written atomically (a crash or a full disk leaves the old file or the new one, never half of one)."""
+import gzip
 import os
 import sys
 from collections.abc import Iterator
@@ -17,18 +18,21 @@ def read_lines(path: str | Path, errors: str = "strict", hint: str = "") -> list
 def iter_lines(path: str | Path, errors: str = "strict", hint: str = "") -> Iterator[str]:
     """The lines of a UTF-8 file (`-`: stdin), one at a time as they arrive, split on \\n only, so that
     every other control character stays inside its line. Invalid UTF-8 is an error naming the file and
-    line (+ `hint`), unless errors="replace"."""
+    line (+ `hint`), unless errors="replace". A file ending in .gz is read through gzip as it is."""
     name = "<stdin>" if str(path) == "-" else str(path)
     try:
-        stream = sys.stdin.buffer if name == "<stdin>" else open(path, "rb")
+        stream = sys.stdin.buffer if name == "<stdin>" else (gzip.open if name.endswith(".gz") else open)(path, "rb")
     except OSError as e:
         raise Seq2SeqError(f"{name}: cannot read ({e.strerror or e})") from None
     with stream if name != "<stdin>" else nullcontext():
-        for lineno, line in enumerate(stream, 1):  # a binary stream splits on \n only
-            try:
-                yield line.removesuffix(b"\n").decode("utf-8", errors=errors).removesuffix("\r")
-            except UnicodeDecodeError as e:
-                raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}){hint}") from None
+        try:
+            for lineno, line in enumerate(stream, 1):  # a binary stream splits on \n only
+                try:
+                    yield line.removesuffix(b"\n").decode("utf-8", errors=errors).removesuffix("\r")
+                except UnicodeDecodeError as e:
+                    raise Seq2SeqError(f"{name}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}){hint}") from None
+        except (OSError, EOFError) as e:  # a torn or foreign .gz
+            raise Seq2SeqError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 @contextmanager

@@ -120,3 +120,16 @@ def test_run_py_reports_a_bad_corpus_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/t.ja:2: invalid UTF-8 (invalid start byte at byte 0)"
     assert "Traceback" not in proc.stderr
+
+
+def test_gzipped_files_are_read_as_they_are_and_a_torn_one_is_one_line(tmp_path):
+    import gzip
+
+    from seq2seq.files import read_lines
+
+    with gzip.open(tmp_path / "a.en.gz", "wb") as f:
+        f.write("one\ntwo\r\nthree\n".encode())
+    assert read_lines(tmp_path / "a.en.gz") == ["one", "two", "three"]
+    (tmp_path / "torn.gz").write_bytes((tmp_path / "a.en.gz").read_bytes()[:-12])
+    with pytest.raises(Seq2SeqError, match=r"torn.gz: cannot read"):
+        read_lines(tmp_path / "torn.gz")
