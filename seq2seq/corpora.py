@@ -37,6 +37,7 @@ class DataConfig:
     max_len: int  # training pairs with a side longer than this many tokens are dropped
     max_tokens: int  # token budget of one batch (padded, longer side)
     num_workers: int  # DataLoader worker processes
+    dedup: bool  # drop duplicate training pairs and those sharing a side with dev/test
     url: str | None = None
     valid_percent: float | None = None  # tatoeba: share of English sentences held out
     test_percent: float | None = None
@@ -211,3 +212,26 @@ def clean_corpus(corpus: dict[str, tuple[list[str], list[str]]], nfkc: bool):
             src_clean, tgt_clean = [src_clean[i] for i in keep], [tgt_clean[i] for i in keep]
         cleaned[split] = (src_clean, tgt_clean)
     return cleaned
+
+
+def drop_overlap(corpus: dict[str, tuple[list[str], list[str]]]) -> tuple[list[str], list[str]]:
+    """The training pairs without exact duplicates and without any pair whose source or target is a
+    source or target of the dev or test split: no held-out sentence is ever trained on."""
+    held_src = {s for split in SPLITS if split != "train" for s in corpus.get(split, ([], []))[0]}
+    held_tgt = {t for split in SPLITS if split != "train" for t in corpus.get(split, ([], []))[1]}
+    src, tgt = corpus["train"]
+    seen, keep, n_dup, n_held = set(), [], 0, 0
+    for i, pair in enumerate(zip(src, tgt)):
+        if pair in seen:
+            n_dup += 1
+        elif pair[0] in held_src or pair[1] in held_tgt:
+            n_held += 1
+        else:
+            keep.append(i)
+        seen.add(pair)
+    if n_dup or n_held:
+        log.info("train: dropped %d duplicate pairs and %d pairs sharing a side with dev/test, of %d",
+                 n_dup, n_held, len(src))
+    if not keep:
+        raise Seq2SeqError("the training split has no pair left once the dev/test sentences are removed")
+    return [src[i] for i in keep], [tgt[i] for i in keep]

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from seq2seq.corpora import SPLITS, DataConfig, clean_corpus, load_corpus
+from seq2seq.corpora import SPLITS, DataConfig, clean_corpus, drop_overlap, load_corpus
 from seq2seq.data import (LengthOrderSampler, ParallelDataset, ResumableDataLoader, TokenArray, TokenBatchSampler,
                           collate)
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_tokenizer
@@ -54,6 +54,8 @@ class TranslationDataModule(L.LightningDataModule):
             return
         cfg = self.cfg
         self.texts = clean_corpus(load_corpus(cfg), nfkc=cfg.normalize)
+        if cfg.dedup:
+            self.texts["train"] = drop_overlap(self.texts)
         train_src, train_tgt = self.texts["train"]
         self.tokenizer = train_tokenizer(train_src + train_tgt, cfg.vocab_size, self.cache_dir)
         self.texts["train"] = drop_long_pairs(train_src, train_tgt, self.tokenizer, cfg.max_len)

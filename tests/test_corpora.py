@@ -13,7 +13,8 @@ from tests.conftest import ROOT, write_small_enja_mirror
 
 def data_cfg(corpus, directory, **kw) -> DataConfig:
     base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
-                normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0)
+                normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0,
+                dedup=True)
     return DataConfig(**{**base, **kw})
 
 
@@ -133,3 +134,13 @@ def test_gzipped_files_are_read_as_they_are_and_a_torn_one_is_one_line(tmp_path)
     (tmp_path / "torn.gz").write_bytes((tmp_path / "a.en.gz").read_bytes()[:-12])
     with pytest.raises(Seq2SeqError, match=r"torn.gz: cannot read"):
         read_lines(tmp_path / "torn.gz")
+
+
+def test_no_dev_or_test_sentence_is_trained_on():
+    from seq2seq.corpora import drop_overlap
+
+    corpus = {"train": (["a", "b", "a", "c", "d", "e"], ["1", "2", "1", "3", "4", "5"]),
+              "valid": (["c"], ["9"]), "test": (["x"], ["5"])}
+    assert drop_overlap(corpus) == (["a", "b", "d"], ["1", "2", "4"])  # duplicate a, c (dev source), e (test target)
+    with pytest.raises(Seq2SeqError, match="no pair left"):
+        drop_overlap({"train": (["c"], ["9"]), "valid": (["c"], ["9"]), "test": ([], [])})
