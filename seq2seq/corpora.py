@@ -9,7 +9,7 @@ import shutil
 import unicodedata
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from seq2seq import Seq2SeqError
@@ -50,6 +50,13 @@ class DataConfig:
     valid_tgt: str | None = None
     test_src: str | None = None
     test_tgt: str | None = None
+
+    @classmethod
+    def stored(cls, values: dict) -> "DataConfig":
+        """The DataConfig a checkpoint carries, from whichever version wrote it: a key it lacks was not in
+        use then (dedup: off), a key this version does not know is ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{"dedup": False, **{k: v for k, v in values.items() if k in known}})
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "max_tokens"):

@@ -24,7 +24,7 @@ def test_set(cfg: DictConfig, info: TextInfo) -> tuple[list[str], list[str]]:
     if cfg.src is not None:
         src, ref = read_parallel(cfg.src, cfg.ref)
         return src, [clean_line(r, info.normalize) for r in ref]  # references cleaned as in validation
-    data_cfg = DataConfig(**info.data_config)
+    data_cfg = DataConfig.stored(info.data_config)
     return clean_corpus({"test": load_corpus(data_cfg)["test"]}, data_cfg.normalize)["test"]
 
 

@@ -144,3 +144,12 @@ def test_no_dev_or_test_sentence_is_trained_on():
     assert drop_overlap(corpus) == (["a", "b", "d"], ["1", "2", "4"])  # duplicate a, c (dev source), e (test target)
     with pytest.raises(Seq2SeqError, match="no pair left"):
         drop_overlap({"train": (["c"], ["9"]), "valid": (["c"], ["9"]), "test": ([], [])})
+
+
+def test_a_data_config_stored_by_an_older_version_still_loads(tmp_path):
+    from dataclasses import asdict
+
+    stored = asdict(data_cfg("demo", tmp_path))
+    del stored["dedup"]  # written before dedup existed: it was not applied
+    stored["from_the_future"] = 1
+    assert DataConfig.stored(stored).dedup is False and DataConfig.stored(stored).corpus == "demo"
