@@ -1,6 +1,5 @@
 """Translator: a trained model with its tokenizer, translating lines by batched beam search on the device
 and at the precision the machine does best (no Lightning, no Hydra: what a service or a script imports)."""
-import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,8 +18,6 @@ from seq2seq.int8 import Int8Transformer
 from seq2seq.search import SearchConfig, beam_search, greedy_search
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
-
-log = logging.getLogger(__name__)
 
 
 class Translator:
