@@ -1,7 +1,44 @@
-"""`run.py export format=ctranslate2` and `translate backend=ctranslate2`: the exported model decodes as ours does."""
+"""`run.py export format=ctranslate2|huggingface` and `translate backend=ctranslate2`: the exported model
+decodes as ours does."""
 import pytest
+import torch
 
+from seq2seq import Seq2SeqError
+from seq2seq.model import Transformer
 from tests.conftest import run_py
+
+
+def post_norm(model: Transformer) -> Transformer:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    return Transformer(replace(model.cfg, pre_norm=False, n_enc_layers=2, n_dec_layers=2)).eval()
+
+
+def up_to_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
+    return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def test_marian_computes_our_logits_and_greedy_output(tiny_model, tokenizer):
+    from seq2seq.export import to_marian
+    from seq2seq.search import SearchConfig, greedy_search
+    from tests.conftest import batch
+
+    model = post_norm(tiny_model)
+    marian = to_marian(model, tokenizer)
+    src, tgt = batch(tokenizer.vocab_size, B=4, S=9, T=7)
+    src[:, -1] = tokenizer.eos_id
+    src[1, 5:], src[1, 4] = tokenizer.pad_id, tokenizer.eos_id  # a shorter sentence, padded
+    with torch.no_grad():
+        theirs = marian(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), decoder_input_ids=tgt).logits
+        greedy = marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id))
+    torch.testing.assert_close(theirs, model(src, tgt), atol=1e-5, rtol=1e-5)
+    ours = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500))
+    assert up_to_eos(greedy[:, 1:].tolist(), tokenizer.eos_id) == up_to_eos(ours.tolist(), tokenizer.eos_id)
+    assert max(len(r) for r in ours.tolist()) > 5  # the random model writes more than a word or two
+
+    with pytest.raises(Seq2SeqError, match="pre-norm model: Hugging Face's MarianMTModel is post-norm only"):
+        to_marian(tiny_model, tokenizer)
 
 
 @pytest.mark.slow
@@ -47,3 +84,46 @@ def translator_search(**settings):
     from seq2seq.search import SearchConfig
 
     return SearchConfig(beam_size=1, **settings)
+
+
+@pytest.mark.slow
+def test_post_norm_model_exports_to_huggingface_and_ctranslate2(tmp_path, data_dir):
+    """A post-norm model trained by `run.py train`, exported through the command line to both formats: the
+    MarianTokenizer gives our ids, and transformers' `generate` and CTranslate2 give our greedy output."""
+    import ctranslate2
+    from transformers import MarianMTModel, MarianTokenizer
+
+    from seq2seq.search import SearchConfig, greedy_search
+    from seq2seq.translator import Translator, pad_batch
+
+    run = tmp_path / "run"
+    proc = run_py("train", "experiment=smoke", "model.pre_norm=false", "trainer.max_steps=150",
+                  "trainer.val_check_interval=150", "trainer.enable_progress_bar=false", f"data_dir={data_dir}",
+                  f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    for fmt in ("huggingface", "ctranslate2"):
+        proc = run_py("export", f"ckpt={ckpt}", f"format={fmt}", f"output={tmp_path}/{fmt}")
+        assert proc.returncode == 0, proc.stderr
+
+    translator = Translator.from_checkpoint(ckpt, device="cpu")
+    tok = translator.tokenizer
+    lines = translator.prepare((data_dir / "demo" / "test.en").read_text(encoding="utf-8").splitlines()[:100])
+    ids = translator.encode(lines)
+    src = pad_batch(ids)
+    with translator.decoding(SearchConfig(beam_size=1, precision="32")) as model:
+        ours = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500)).tolist()
+
+    hf_tok = MarianTokenizer.from_pretrained(tmp_path / "huggingface")
+    hf_model = MarianMTModel.from_pretrained(tmp_path / "huggingface").eval()
+    inputs = hf_tok(lines, return_tensors="pt", padding=True)
+    assert inputs["input_ids"].tolist() == src.tolist()  # source pieces + eos, padded
+    with torch.no_grad():
+        theirs = hf_model.generate(**inputs)[:, 1:].tolist()  # without the start token
+    assert up_to_eos(theirs, tok.eos_id) == up_to_eos(ours, tok.eos_id)  # token for token, all 100
+    assert hf_tok.batch_decode(theirs, skip_special_tokens=True) == tok.decode(ours)
+
+    ct2 = ctranslate2.Translator(str(tmp_path / "ctranslate2"), device="cpu", compute_type="float32")
+    theirs = [r.hypotheses[0] for r in ct2.translate_batch([tok.pieces(s) + ["</s>"] for s in ids], beam_size=1,
+                                                           max_decoding_length=128)]
+    assert theirs == [tok.pieces(row[:row.index(tok.eos_id)]) for row in ours]
