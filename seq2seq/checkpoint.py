@@ -31,6 +31,8 @@ class TextInfo:
 
 def load_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True (never runs code from the file); errors name the file."""
+    if not isinstance(path, (str, Path)):  # ckpt=[a,b] where a command takes one checkpoint
+        raise Seq2SeqError(f"ckpt={path}: expected one checkpoint (only translate, evaluate and serve take a list)")
     path = Path(path)
     if not path.is_file():
         raise Seq2SeqError(f"{path}: checkpoint not found")
@@ -58,7 +60,11 @@ def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, TextInfo]:
         info = TextInfo(**meta["data"])
     except TypeError as e:
         raise Seq2SeqError(f"{path}: its text settings do not fit this version ({e})") from None
-    return model.eval(), Tokenizer(meta["spm_model"]), info
+    try:
+        tokenizer = Tokenizer(meta["spm_model"])
+    except (RuntimeError, TypeError) as e:
+        raise Seq2SeqError(f"{path}: its SentencePiece model does not load ({str(e).strip().splitlines()[-1]})") from None
+    return model.eval(), tokenizer, info
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:

@@ -81,3 +81,13 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
     assert path.read_bytes() == before
     assert load_checkpoint(path)["seq2seq"] == {"generation": 1}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_sentencepiece_model_is_torn_is_one_line(smoke_run, tmp_path):
+    checkpoint = load_checkpoint(smoke_run / "checkpoints" / "best.ckpt")
+    checkpoint["seq2seq"]["spm_model"] = checkpoint["seq2seq"]["spm_model"][:100]
+    save_checkpoint(checkpoint, tmp_path / "torn_spm.ckpt")
+    proc = run_py("translate", f"ckpt={tmp_path}/torn_spm.ckpt", input="The cat.\n")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {tmp_path}/torn_spm.ckpt: its SentencePiece model does not load")
