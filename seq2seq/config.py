@@ -53,6 +53,11 @@ def search_config(cfg: DictConfig) -> SearchConfig:
     return build_config(SearchConfig, {f.name: cfg[f.name] for f in fields(SearchConfig)}, "search", top_level=True)
 
 
+def checkpoints(value) -> str | list[str]:
+    """`ckpt=PATH`, or `ckpt=[a.ckpt,b.ckpt]` (an ensemble: seq2seq/ensemble.py) as a list of paths."""
+    return [str(path) for path in value] if OmegaConf.is_list(value) else str(value)
+
+
 def check_flag(key: str, value) -> None:
     """A task's true/false key (Hydra reads `key=yes` as a string): one line if it is not a bool."""
     if not isinstance(value, bool):

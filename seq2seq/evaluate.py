@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import DataConfig, clean_corpus, clean_line, load_corpus, read_parallel
 from seq2seq.checkpoint import TextInfo
-from seq2seq.config import check_flag, search_config
+from seq2seq.config import check_flag, checkpoints, search_config
 from seq2seq.files import check_output, write_output
 from seq2seq.metrics import bleu_tokenize, corpus_scores
 from seq2seq.textprep import natural_form
@@ -36,10 +36,13 @@ def hypotheses_path(cfg: DictConfig, tgt_lang: str) -> Path:
     """
     if cfg.output:
         return Path(cfg.output)
-    name = f"{Path(cfg.ckpt).name}.{'test' if cfg.src is None else Path(cfg.src).stem}.hyp.{tgt_lang}"
+    ckpt = checkpoints(cfg.ckpt)
+    first = Path(ckpt[0] if isinstance(ckpt, list) else ckpt)  # an ensemble's files go beside its first member
+    model = f"ensemble{len(ckpt)}" if isinstance(ckpt, list) else first.name
+    name = f"{model}.{'test' if cfg.src is None else Path(cfg.src).stem}.hyp.{tgt_lang}"
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir) / name
-    return Path(cfg.ckpt).with_name(name)
+    return first.with_name(name)
 
 
 def scores_of(hyps: list[str], refs: list[str], translator: Translator, pretokenized: bool) -> dict:
@@ -60,7 +63,7 @@ def scores_of(hyps: list[str], refs: list[str], translator: Translator, pretoken
 def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
     check_flag("pretokenized", cfg.pretokenized)
-    translator = Translator.from_checkpoint(cfg.ckpt, device=search.device)
+    translator = Translator.from_checkpoint(checkpoints(cfg.ckpt), device=search.device)
     pretokenized = cfg.src is None or cfg.pretokenized  # the corpus's own test split is in its own form
     hyp_path = hypotheses_path(cfg, translator.info.tgt_lang)
     check_output(str(hyp_path))
@@ -69,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
     scores = scores_of(hyps, refs, translator, pretokenized)
     write_output(str(hyp_path), "".join(h + "\n" for h in hyps))
     report = {**scores, "sentences": len(src), "pretokenized_input": pretokenized, "search": asdict(search),
-              "checkpoint": str(cfg.ckpt), "hypotheses": str(hyp_path)}
+              "checkpoint": checkpoints(cfg.ckpt), "hypotheses": str(hyp_path)}
     write_output(str(hyp_path) + ".json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
           f"({len(src)} sentences, beam {search.beam_size}, alpha {search.alpha})")

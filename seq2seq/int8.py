@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+from seq2seq.ensemble import Ensemble
 from seq2seq.model import Transformer
 
 
@@ -36,3 +37,10 @@ class Int8Transformer(Transformer):
         """Decoder states (..., D) -> logits (..., V) through the int8 copy of the embedding."""
         return self.output(h)
 
+
+
+def int8_copy(model: Transformer | Ensemble) -> Int8Transformer | Ensemble:
+    """An int8 copy of a model, or of each member of an ensemble."""
+    if isinstance(model, Ensemble):
+        return Ensemble([Int8Transformer(m) for m in model.members])
+    return Int8Transformer(model)

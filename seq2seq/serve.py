@@ -187,12 +187,12 @@ def add_error_handlers(app: FastAPI, limits: ServeLimits) -> None:
 def serve(cfg) -> None:
     import uvicorn
 
-    from seq2seq.config import build_config, search_config
+    from seq2seq.config import build_config, checkpoints, search_config
     from seq2seq.translator import load_translator
 
     search = search_config(cfg)
     limits = build_config(ServeLimits, {k: cfg[k] for k in ServeLimits.__dataclass_fields__}, "serve",
                           top_level=True)
-    translator = load_translator(cfg.backend, cfg.ckpt, search.device)
+    translator = load_translator(cfg.backend, checkpoints(cfg.ckpt), search.device)
     uvicorn.run(create_app(translator, search, limits), host=cfg.host, port=int(cfg.port), log_level="info",
                 timeout_graceful_shutdown=30)

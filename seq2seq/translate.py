@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from seq2seq import Seq2SeqError
-from seq2seq.config import check_choice, check_flag, search_config
+from seq2seq.config import check_choice, check_flag, checkpoints, search_config
 from seq2seq.files import check_output, iter_lines, open_output
 from seq2seq.search import SearchConfig
 from seq2seq.translator import load_translator
@@ -38,7 +38,7 @@ def translate(cfg: DictConfig) -> None:
         for _ in iter_lines(path, cfg.errors, HINT):  # invalid UTF-8 anywhere: one line, before any work
             pass
     prefixes = iter_lines(str(cfg.prefix), cfg.errors, HINT) if cfg.prefix is not None else None
-    translator = load_translator(cfg.backend, cfg.ckpt, search.device)
+    translator = load_translator(cfg.backend, checkpoints(cfg.ckpt), search.device)
     interactive = source == "-" and sys.stdin.isatty()
     chunk_lines = 1 if interactive else cfg.chunk_lines
     bar = tqdm(disable=not cfg.progress or interactive, file=sys.stderr, unit="line")

@@ -14,7 +14,8 @@ from seq2seq.checkpoint import TextInfo, load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
-from seq2seq.int8 import Int8Transformer
+from seq2seq.ensemble import Ensemble
+from seq2seq.int8 import int8_copy
 from seq2seq.search import SearchConfig, beam_search, greedy_search
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
@@ -27,20 +28,35 @@ class Translator:
     word-segmented and writes natural text back (seq2seq/textprep.py), unless pretokenized=True says the
     lines are in that form already (then the output stays in it too). The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
     with another `device=` moves it there. `precision` is decided per call (`auto`: seq2seq/hardware.py);
-    int8 decodes with an int8 copy of the model, made at its first use and kept.
+    int8 decodes with an int8 copy of the model, made at its first use and kept. `model` may be an
+    Ensemble (seq2seq/ensemble.py): `Translator.from_checkpoint([a, b])`.
     """
 
     def __init__(self, model, tokenizer, info: TextInfo, device: str = SearchConfig.device):
         self.tokenizer, self.info = tokenizer, info
         self.device = resolve_device(device, this_machine())
         self.model = model.eval().to(self.device)
-        self.int8_model: Int8Transformer | None = None
+        self.int8_model = None  # int8_copy(model), made when first asked for
         self.pretokenized = info.pretokenized
         self.max_len = model.cfg.max_len  # positions the model has
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = SearchConfig.device) -> "Translator":
-        return cls(*load_model(path), device=device)
+    def from_checkpoint(cls, path: str | Path | list, device: str = SearchConfig.device) -> "Translator":
+        """One checkpoint, or a list of them: an ensemble, whose members must share tokenizer and text."""
+        if not isinstance(path, (list, tuple)):
+            return cls(*load_model(path), device=device)
+        if not path:
+            raise Seq2SeqError("ckpt=[]: an ensemble needs at least one checkpoint")
+        members = [load_model(p) for p in path]
+        _, tokenizer, info = members[0]
+        for p, (_, other_tokenizer, other_info) in zip(path[1:], members[1:]):
+            if other_tokenizer.model_proto != tokenizer.model_proto:
+                raise Seq2SeqError(f"{p}: its tokenizer differs from {path[0]}'s; an ensemble's members must share one")
+            if (other_info.src_lang, other_info.tgt_lang, other_info.pretokenized) != \
+                    (info.src_lang, info.tgt_lang, info.pretokenized):
+                raise Seq2SeqError(f"{p}: translates {other_info.src_lang}->{other_info.tgt_lang} "
+                                   f"(pretokenized={other_info.pretokenized}), unlike {path[0]}")
+        return cls(Ensemble([model for model, _, _ in members]), tokenizer, info, device=device)
 
     @contextmanager
     def decoding(self, search: SearchConfig):
@@ -53,7 +69,7 @@ class Translator:
                                              machine=this_machine())
         log_choice("decoding", precision, reason)
         if precision == "int8":
-            self.int8_model = self.int8_model or Int8Transformer(self.model)
+            self.int8_model = self.int8_model or int8_copy(self.model)
             yield self.int8_model
         elif precision in AUTOCAST_DTYPE:
             with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
@@ -135,7 +151,7 @@ class Translator:
         with self.decoding(search) as model:
             for batch in batches:
                 rows = [todo[i] for i in batch]
-                src = pad_batch([ids[r] for r in rows]).to(model.embed.weight.device)
+                src = pad_batch([ids[r] for r in rows]).to(next(model.parameters()).device)
                 prefix = pad_prefix([forced[r] for r in rows], src.device) if forced else None
                 hyps = (sampled(model, src, search) if search.sample
                         else beam_search(model, src, model.pad_mask(src), search, prefix))
@@ -231,12 +247,15 @@ class CTranslate2Translator(Translator):
         return out
 
 
-def load_translator(backend: str, ckpt: str, device: str) -> Translator:
-    """`backend=torch`: our decoder on a checkpoint; `ctranslate2`: CTranslate2 on an exported directory."""
+def load_translator(backend: str, ckpt: str | list[str], device: str) -> Translator:
+    """`backend=torch`: our decoder on a checkpoint (a list: an ensemble); `ctranslate2`: CTranslate2 on an
+    exported directory."""
     if backend not in ("torch", "ctranslate2"):
         raise Seq2SeqError(f"backend={backend!r}: expected one of torch, ctranslate2")
     if backend == "torch":
         return Translator.from_checkpoint(ckpt, device=device)
+    if isinstance(ckpt, list):
+        raise Seq2SeqError("backend=ctranslate2 takes one exported directory; an ensemble (ckpt=[...]) needs backend=torch")
     try:
         return CTranslate2Translator(ckpt, device=device)
     except ImportError:
