@@ -8,6 +8,9 @@ finishes the requests it has before the process exits. Self-hosters already spea
                   -> {"translatedText": "..." | [...], "alternatives": [...]}   (alternatives only if N > 0)
     GET /languages, GET /health
 
+One field of our own: "prefix", shaped like "q" (a text, or a list with one per text, "" for none),
+forces the start of each translation, as `translate prefix=FILE` does.
+
 Concurrent requests are batched: the first waits up to `batch_ms` for others (or until `batch_lines`
 lines are waiting), then one beam search translates all their lines and each request gets its own.
 A bad request is a 4xx with {"error": "..."}; never a 500.
@@ -53,6 +56,7 @@ class TranslateRequest(BaseModel):
     target: str
     format: str = "text"
     alternatives: int = Field(0, ge=0)
+    prefix: str | list[str] | None = None  # ours, not LibreTranslate's: each translation starts with it
     api_key: str | None = None  # accepted, as LibreTranslate clients send it; not checked
 
 
@@ -69,9 +73,10 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="translate")
 
-    async def translate(self, lines: list[str], nbest: int) -> list[list[tuple[str, float]]]:
+    async def translate(self, lines: list[str], prefixes: list[str] | None,
+                        nbest: int) -> list[list[tuple[str, float]]]:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((lines, nbest, future))
+        await self.queue.put((lines, prefixes, nbest, future))
         return await future
 
     async def run(self) -> None:
@@ -83,26 +88,30 @@ class Batcher:
     async def gather_more(self, batch: list) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.batch_ms / 1000
-        while sum(len(lines) for lines, _, _ in batch) < self.limits.batch_lines:
+        while sum(len(lines) for lines, _, _, _ in batch) < self.limits.batch_lines:
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
             except asyncio.TimeoutError:
                 return
 
     async def translate_batch(self, batch: list) -> None:
-        lines = [line for request_lines, _, _ in batch for line in request_lines]
-        nbest = max(n for _, n, _ in batch)
+        lines = [line for request_lines, _, _, _ in batch for line in request_lines]
+        prefixes = None  # no request forces a prefix: the search has nothing to force
+        if any(request_prefixes for _, request_prefixes, _, _ in batch):
+            prefixes = [p for request_lines, request_prefixes, _, _ in batch
+                        for p in (request_prefixes or [""] * len(request_lines))]
+        nbest = max(n for _, _, n, _ in batch)
         search = replace(self.search, nbest=nbest, beam_size=max(self.search.beam_size, nbest))
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.worker, lambda: self.translate_nbest(lines, search))
+                self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes))
         except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
             log.exception("translation failed")
-            for _, _, future in batch:
+            for _, _, _, future in batch:
                 future.set_exception(BadRequest(503, f"translation failed: {e}"))
             return
         at = 0
-        for request_lines, _, future in batch:
+        for request_lines, _, _, future in batch:
             future.set_result(results[at:at + len(request_lines)])
             at += len(request_lines)
 
@@ -133,8 +142,8 @@ def create_app(translator, search: SearchConfig, limits: ServeLimits) -> FastAPI
 
     @app.post("/translate")
     async def translate(request: TranslateRequest):
-        texts = check_request(request, src_lang, tgt_lang, limits, search)
-        results = await batcher.translate(texts, request.alternatives + 1)
+        texts, prefixes = check_request(request, src_lang, tgt_lang, limits, search)
+        results = await batcher.translate(texts, prefixes, request.alternatives + 1)
         best = [hyps[0][0] for hyps in results]
         alternatives = [[h for h, _ in hyps[1:request.alternatives + 1]] for hyps in results]
         single = isinstance(request.q, str)
@@ -147,8 +156,8 @@ def create_app(translator, search: SearchConfig, limits: ServeLimits) -> FastAPI
 
 
 def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limits: ServeLimits,
-                  search: SearchConfig) -> list[str]:
-    """The request's texts, or a BadRequest naming the field that is wrong."""
+                  search: SearchConfig) -> tuple[list[str], list[str] | None]:
+    """The request's texts and prefixes (None: none given), or a BadRequest naming the field that is wrong."""
     if (request.source, request.target) != (src_lang, tgt_lang):
         raise BadRequest(400, f"source={request.source!r}, target={request.target!r}: this model translates "
                               f"{src_lang} to {tgt_lang}")
@@ -162,7 +171,23 @@ def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limit
             raise BadRequest(400, f"q[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
     if request.alternatives + 1 > max(search.beam_size, 10):
         raise BadRequest(400, f"alternatives={request.alternatives}: at most {max(search.beam_size, 10) - 1}")
-    return [" ".join(text.splitlines()) for text in texts]  # one text is one line, as in `translate`
+    return [" ".join(text.splitlines()) for text in texts], check_prefix(request, len(texts), limits, search)
+
+
+def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits, search: SearchConfig) -> list[str] | None:
+    """The request's prefixes, one per text, or a BadRequest: shaped like q, within the character limit."""
+    if request.prefix is None:
+        return None
+    if isinstance(request.prefix, str) != isinstance(request.q, str) or \
+            (isinstance(request.prefix, list) and len(request.prefix) != n):
+        raise BadRequest(400, f"prefix: give one per text, shaped like q ({'a text' if isinstance(request.q, str) else f'a list of {n}'})")
+    prefixes = [request.prefix] if isinstance(request.prefix, str) else request.prefix
+    for i, text in enumerate(prefixes):
+        if len(text) > limits.char_limit:
+            raise BadRequest(400, f"prefix[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
+    if search.sample and any(prefixes):
+        raise BadRequest(400, "prefix: this service samples (sample=true); a prefix needs beam search")
+    return [" ".join(text.splitlines()) for text in prefixes]
 
 
 def add_error_handlers(app: FastAPI, limits: ServeLimits) -> None:

@@ -18,17 +18,20 @@ from tests.conftest import ROOT
 
 
 class Echo:
-    """A stand-in translator: 'translates' by upper-casing, n-best by numbering; records each batch."""
+    """A stand-in translator: 'translates' by upper-casing after the prefix, n-best by numbering; records
+    each batch and its prefixes."""
 
     info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
 
     def __init__(self):
-        self.batches = []
+        self.batches, self.prefixes = [], []
 
-    def translate_nbest(self, lines, search):
+    def translate_nbest(self, lines, search, prefixes=None):
         self.batches.append(list(lines))
-        return [[(f"{line.upper()}#{k}" if k else line.upper(), -float(k)) for k in range(search.nbest)]
-                for line in lines]
+        self.prefixes.append(prefixes)
+        starts = prefixes or [""] * len(lines)
+        return [[(f"{p}{line.upper()}#{k}" if k else f"{p}{line.upper()}", -float(k)) for k in range(search.nbest)]
+                for line, p in zip(lines, starts)]
 
 
 def client(translator=None, **limits):
@@ -73,6 +76,29 @@ def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_a
         ["one", "one!", "two", "two!", "three", "three!"])
 
 
+def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
+    http, translator = client(batch_ms=300.0)
+    answers = {}
+
+    def ask(name, body):
+        answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
+
+    requests = {"plain": {"q": ["a", "b"]}, "one": {"q": "c", "prefix": "私は"}, "list": {"q": ["d", "e"], "prefix": ["", "x "]}}
+    with http:
+        threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        http.post("/translate", json={"q": "f", "source": "en", "target": "ja"})
+    assert answers == {"plain": {"translatedText": ["A", "B"]}, "one": {"translatedText": "私はC"},
+                       "list": {"translatedText": ["D", "x E"]}}
+    assert len(translator.batches) == 2
+    given = dict(zip(translator.batches[0], translator.prefixes[0]))
+    assert given == {"a": "", "b": "", "c": "私は", "d": "", "e": "x "}
+    assert translator.prefixes[1] is None  # no prefix anywhere in a batch: the search gets none at all
+
+
 @pytest.mark.parametrize("body, status, error", [
     ({"q": "hi", "source": "fr", "target": "ja"}, 400, "source='fr', target='ja': this model translates en to ja"),
     ({"q": "hi", "source": "en"}, 400, "target: Field required"),
@@ -81,6 +107,10 @@ def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_a
     ({"q": ["a"] * 4, "source": "en", "target": "ja"}, 400, "q: 4 texts exceed the limit of 3 per request"),
     ({"q": "hi", "source": "en", "target": "ja", "alternatives": -1}, 400, "alternatives"),
     ({"q": "hi", "source": "en", "target": "ja", "format": "html"}, 400, "format='html': only text"),
+    ({"q": ["a", "b"], "source": "en", "target": "ja", "prefix": ["x"]}, 400, "prefix: give one per text, shaped like q (a list of 2)"),
+    ({"q": "a", "source": "en", "target": "ja", "prefix": ["x"]}, 400, "prefix: give one per text, shaped like q (a text)"),
+    ({"q": "a", "source": "en", "target": "ja", "prefix": "x" * 51}, 400, "prefix[0]: 51 characters exceed"),
+    ({"q": "a", "source": "en", "target": "ja", "prefix": 7}, 400, "prefix"),
 ])
 def test_bad_requests_are_4xx_with_a_json_error_naming_the_field(body, status, error):
     with client(char_limit=50, texts_limit=3)[0] as http:
@@ -99,7 +129,7 @@ def test_malformed_json_and_a_large_body_are_4xx():
 
 def test_a_failing_model_is_a_503_not_a_crash():
     class Broken(Echo):
-        def translate_nbest(self, lines, search):
+        def translate_nbest(self, lines, search, prefixes=None):
             raise RuntimeError("out of memory")
 
     with client(Broken())[0] as http:
@@ -117,7 +147,11 @@ def test_the_same_answer_as_translate(smoke_run):
     search = SearchConfig(beam_size=3, precision="32")
     with TestClient(create_app(translator, search, ServeLimits())) as http:
         answer = http.post("/translate", json={"q": lines, "source": "en", "target": "ja"}).json()
+        forced = http.post("/translate", json={"q": lines, "source": "en", "target": "ja",
+                                               "prefix": ["猫", "", ""]}).json()
     assert answer["translatedText"] == translator.translate(lines, search)
+    assert forced["translatedText"] == [h[0][0] for h in translator.translate_nbest(lines, search, prefixes=["猫", "", ""])]
+    assert forced["translatedText"][0].startswith("猫") and forced["translatedText"][1:] == answer["translatedText"][1:]
 
 
 def free_port() -> int:
