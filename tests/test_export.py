@@ -73,6 +73,11 @@ def test_ctranslate2_export_decodes_like_our_greedy_search(smoke_run, tmp_path, 
     theirs = run_py("translate", "backend=ctranslate2", f"ckpt={tmp_path}/ct2", "precision=32", *args)
     assert ours.returncode == theirs.returncode == 0, theirs.stderr
     assert theirs.stdout == ours.stdout and len(theirs.stdout.splitlines()) == 22
+    cut = ["max_len_a=0", "max_len_b=3"]  # every line reaches the length limit: both stop after 3 tokens
+    ours = run_py("translate", f"ckpt={ckpt}", "precision=32", "pretokenized=true", *args, *cut)
+    theirs = run_py("translate", "backend=ctranslate2", f"ckpt={tmp_path}/ct2", "precision=32", "pretokenized=true",
+                    *args, *cut)
+    assert theirs.stdout == ours.stdout, theirs.stderr
 
     proc = run_py("export", f"ckpt={ckpt}", "format=onnx", f"output={tmp_path}/x")
     assert proc.returncode == 1 and "format='onnx': expected one of ctranslate2" in proc.stderr
