@@ -38,6 +38,7 @@ class DataConfig:
     max_tokens: int  # token budget of one batch (padded, longer side)
     num_workers: int  # DataLoader worker processes
     dedup: bool  # drop duplicate training pairs and those sharing a side with dev/test
+    segmentation: str  # pre-tokenized Japanese: as the corpus has it ("corpus") or re-segmented by "mecab"
     url: str | None = None
     valid_percent: float | None = None  # tatoeba: share of English sentences held out
     test_percent: float | None = None
@@ -56,12 +57,17 @@ class DataConfig:
         """The DataConfig a checkpoint carries, from whichever version wrote it: a key it lacks was not in
         use then (dedup: off), a key this version does not know is ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{"dedup": False, **{k: v for k, v in values.items() if k in known}})
+        return cls(**{"dedup": False, "segmentation": "corpus", **{k: v for k, v in values.items() if k in known}})
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be at least 1")
+        if self.segmentation not in ("corpus", "mecab"):
+            raise ValueError(f"data.segmentation={self.segmentation!r}: expected corpus or mecab")
+        if self.segmentation == "mecab" and not self.pretokenized:
+            raise ValueError("data.segmentation=mecab re-segments a pre-tokenized corpus; this one is raw text "
+                             "(data.pretokenized=false)")
         if self.max_tokens <= self.max_len:  # a sentence of max_len tokens plus its eos must fit in a batch
             raise ValueError(f"data.max_tokens={self.max_tokens} is smaller than one sentence of "
                              f"data.max_len={self.max_len} tokens (+ eos); raise max_tokens or lower max_len")
@@ -95,7 +101,15 @@ def fetch(url: str, dest: Path) -> None:
 
 
 def load_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """Raw (src lines, tgt lines) for each split, fetching or generating the corpus if needed."""
+    """Raw (src lines, tgt lines) for each split, fetching or generating the corpus if needed; Japanese
+    re-segmented by MeCab if data.segmentation says so."""
+    corpus = read_corpus(cfg)
+    if cfg.segmentation == "mecab" and "ja" in (cfg.src_lang, cfg.tgt_lang):
+        corpus = mecab_segmented(corpus, side=(cfg.src_lang, cfg.tgt_lang).index("ja"))
+    return corpus
+
+
+def read_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
     if cfg.corpus == "small_enja":
         return load_small_enja(cfg)
     if cfg.corpus == "tatoeba":
@@ -106,6 +120,20 @@ def load_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
     if cfg.corpus == "demo":
         return load_demo(cfg)
     raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, files or demo")
+
+
+def mecab_segmented(corpus: dict[str, tuple[list[str], list[str]]], side: int) -> dict:
+    """The Japanese side (0: source, 1: target) of every split joined and segmented again by MeCab, the
+    segmenter `translate` applies to raw Japanese input (small_parallel_enja was segmented by KyTea, and
+    a model that reads KyTea's words loses 3 BLEU on MeCab's: docs/results.md)."""
+    from seq2seq.textprep import model_form, natural_form
+
+    out = {}
+    for split, sides in corpus.items():
+        japanese = [model_form(natural_form(line, "ja"), "ja") for line in sides[side]]
+        out[split] = (japanese, sides[1]) if side == 0 else (sides[0], japanese)
+    log.info("Japanese side re-segmented by MeCab (data.segmentation=mecab)")
+    return out
 
 
 def _required(cfg: DataConfig, key: str) -> str:

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, write_small_enja_mirror
 def data_cfg(corpus, directory, **kw) -> DataConfig:
     base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
                 normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0,
-                dedup=True)
+                dedup=True, segmentation="corpus")
     return DataConfig(**{**base, **kw})
 
 
@@ -150,6 +150,26 @@ def test_a_data_config_stored_by_an_older_version_still_loads(tmp_path):
     from dataclasses import asdict
 
     stored = asdict(data_cfg("demo", tmp_path))
-    del stored["dedup"]  # written before dedup existed: it was not applied
+    del stored["dedup"], stored["segmentation"]  # written before these existed: not applied
     stored["from_the_future"] = 1
     assert DataConfig.stored(stored).dedup is False and DataConfig.stored(stored).corpus == "demo"
+    assert DataConfig.stored(stored).segmentation == "corpus"
+
+
+def test_mecab_segmentation_resegments_the_japanese_side_of_every_split(tmp_path):
+    """KyTea's words (small_parallel_enja) joined and cut again by MeCab, as translate cuts raw Japanese."""
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"{split}.en").write_text("who will arrive first ?\ntom likes tea .\n")
+        (tmp_path / f"{split}.ja").write_text("誰 が 一番 に 着 く か 。\nトム は お 茶 が 好き だ 。\n")
+    files = {f"{s}_{side}": str(tmp_path / f"{n}.{lang}") for s, n in (("train", "train"), ("valid", "dev"),
+             ("test", "test")) for side, lang in (("src", "ja"), ("tgt", "en"))}
+    cfg = data_cfg("files", tmp_path, pretokenized=True, src_lang="ja", tgt_lang="en", **files)
+    assert load_corpus(cfg)["test"][0][0] == "誰 が 一番 に 着 く か 。"
+    corpus = load_corpus(replace(cfg, segmentation="mecab"))
+    for split in ("train", "valid", "test"):
+        assert corpus[split][0] == ["誰 が 一番 に 着く か 。", "トム は お茶 が 好き だ 。"]
+        assert corpus[split][1] == ["who will arrive first ?", "tom likes tea ."]  # English untouched
+    with pytest.raises(ValueError, match="data.segmentation=mecab re-segments a pre-tokenized corpus"):
+        replace(cfg, pretokenized=False, segmentation="mecab")
+    with pytest.raises(ValueError, match="data.segmentation='kytea': expected corpus or mecab"):
+        replace(cfg, segmentation="kytea")
