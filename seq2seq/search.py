@@ -67,25 +67,35 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
     has produced eos.
 
     A sentence that reaches its length limit (`max_output_lens`) gets eos there; of `search`, the length
-    limit and the sampling settings apply.
+    limit and the sampling settings apply. A sentence that has ended leaves the batch, as in beam search,
+    so that later steps compute only the sentences still being written.
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
     Returns: (B, T) ids without bos; eos ends each sentence, pad follows it.
     """
     memory = model.encode(src, src_pad_mask)
-    ys = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
-    finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
     limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,)
+    out = torch.full((src.size(0), int(limit.max()) + 1), PAD_ID, dtype=torch.long, device=src.device)
+    alive = torch.arange(src.size(0), device=src.device)  # the sentences still written (their rows in out)
+    last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)  # (B', 1)
     cache = [{} for _ in model.decoder_layers]
     generator = torch.Generator(src.device).manual_seed(search.seed) if search.sample else None
-    for step in range(int(limit.max()) + 1):
-        logits = model.project(model.decode_step(ys[:, -1:], memory, src_pad_mask, cache))  # (B, V)
+    for step in range(out.size(1)):
+        logits = model.project(model.decode_step(last, memory, src_pad_mask, cache))  # (B', V)
         chosen = draw(logits, search, generator) if search.sample else logits.argmax(-1)
-        next_token = chosen.masked_fill(limit.eq(step), EOS_ID).masked_fill(finished, PAD_ID)  # (B,)
-        ys = torch.cat([ys, next_token[:, None]], dim=1)
-        finished |= next_token.eq(EOS_ID)
-        if finished.all():
+        next_token = chosen.masked_fill(limit.eq(step), EOS_ID)  # (B',)
+        out[alive, step] = next_token
+        ended = next_token.eq(EOS_ID)
+        n_ended = int(ended.sum())  # the step's one host sync
+        if n_ended == alive.size(0):
             break
-    return ys[:, 1:]
+        if n_ended:
+            keep = (~ended).nonzero().squeeze(1)
+            alive, limit, next_token = alive[keep], limit[keep], next_token[keep]
+            memory, src_pad_mask = memory[keep], src_pad_mask[keep]
+            reorder_cache(cache, keep)
+            drop_sentences(cache, keep)
+        last = next_token[:, None]
+    return out[:, :step + 1]
 
 
 def draw(logits: torch.Tensor, search: SearchConfig, generator: torch.Generator) -> torch.Tensor:

@@ -136,6 +136,22 @@ def test_a_sentence_translates_the_same_alone_and_next_to_a_longer_one(tiny_mode
     assert greedy_batched[:len(greedy_alone)] == greedy_alone and set(greedy_batched[len(greedy_alone):]) <= {PAD_ID}
 
 
+def test_greedy_gives_each_sentence_its_own_output_as_others_finish_and_leave_the_batch(tiny_model):
+    """Five sentences whose length limits end them at five different steps: after each one leaves the batch
+    (its rows dropped from memory and caches), every other still gets what it gets alone."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (5, 9), generator=g)
+    for b, n in enumerate([9, 3, 7, 1, 5]):
+        src[b, n:] = PAD_ID
+    pad = tiny_model.pad_mask(src)
+    search = SearchConfig(beam_size=1, max_len_a=1.0, max_len_b=0)  # limit = the sentence's own length
+    batched = greedy_search(tiny_model, src, pad, search).tolist()
+    for b, n in enumerate([9, 3, 7, 1, 5]):
+        alone = greedy_search(tiny_model, src[b:b + 1, :n], pad[b:b + 1, :n], search)[0].tolist()
+        assert batched[b][:len(alone)] == alone and set(batched[b][len(alone):]) <= {PAD_ID}
+        assert EOS_ID in alone and len(alone) <= n + 1
+
+
 def test_min_len_and_max_len_bound_the_output(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad = tiny_model.pad_mask(src)
