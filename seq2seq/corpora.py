@@ -9,12 +9,15 @@ import shutil
 import unicodedata
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
+from itertools import zip_longest
 from pathlib import Path
 
 from seq2seq import Seq2SeqError
 from seq2seq.demo_corpus import generate_pairs
-from seq2seq.files import atomic_write, read_lines, write_text
+from seq2seq.files import atomic_write, iter_lines, read_lines, write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class DataConfig:
     num_workers: int  # DataLoader worker processes
     dedup: bool  # drop duplicate training pairs and those sharing a side with dev/test
     segmentation: str  # pre-tokenized Japanese: as the corpus has it ("corpus") or re-segmented by "mecab"
+    tokenizer_sample: int  # SentencePiece learns from at most this many training pairs (a uniform sample)
     url: str | None = None
     valid_percent: float | None = None  # tatoeba: share of English sentences held out
     test_percent: float | None = None
@@ -57,10 +61,11 @@ class DataConfig:
         """The DataConfig a checkpoint carries, from whichever version wrote it: a key it lacks was not in
         use then (dedup: off), a key this version does not know is ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{"dedup": False, "segmentation": "corpus", **{k: v for k, v in values.items() if k in known}})
+        defaults = {"dedup": False, "segmentation": "corpus", "tokenizer_sample": 500_000}
+        return cls(**{**defaults, **{k: v for k, v in values.items() if k in known}})
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_len", "max_tokens"):
+        for name in ("vocab_size", "max_len", "max_tokens", "tokenizer_sample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be at least 1")
         if self.segmentation not in ("corpus", "mecab"):
@@ -101,39 +106,49 @@ def fetch(url: str, dest: Path) -> None:
 
 
 def load_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """Raw (src lines, tgt lines) for each split, fetching or generating the corpus if needed; Japanese
-    re-segmented by MeCab if data.segmentation says so."""
-    corpus = read_corpus(cfg)
-    if cfg.segmentation == "mecab" and "ja" in (cfg.src_lang, cfg.tgt_lang):
-        corpus = mecab_segmented(corpus, side=(cfg.src_lang, cfg.tgt_lang).index("ja"))
+    """Raw (src lines, tgt lines) of each split, in memory (the dev and test splits for BLEU, tests);
+    training streams its pairs instead (`corpus_files`, `iter_pairs`)."""
+    corpus = {}
+    for split, (src_path, tgt_path) in corpus_files(cfg).items():
+        pairs = list(iter_pairs(src_path, tgt_path, cfg))
+        corpus[split] = ([s for s, _ in pairs], [t for _, t in pairs])
     return corpus
 
 
-def read_corpus(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
+    """Each split's aligned (source file, target file), fetched, split or generated first if needed."""
     if cfg.corpus == "small_enja":
-        return load_small_enja(cfg)
+        return small_enja_files(cfg)
     if cfg.corpus == "tatoeba":
-        return load_tatoeba(cfg)
+        return tatoeba_files(cfg)
     if cfg.corpus == "files":
-        return {split: read_parallel(_required(cfg, f"{split}_src"), _required(cfg, f"{split}_tgt"))
-                for split in SPLITS}
+        return {split: (Path(_required(cfg, f"{split}_src")), Path(_required(cfg, f"{split}_tgt"))) for split in SPLITS}
     if cfg.corpus == "demo":
-        return load_demo(cfg)
+        return demo_files(cfg)
     raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, files or demo")
 
 
-def mecab_segmented(corpus: dict[str, tuple[list[str], list[str]]], side: int) -> dict:
-    """The Japanese side (0: source, 1: target) of every split joined and segmented again by MeCab, the
+def iter_pairs(src_path: Path, tgt_path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """The (source line, target line) pairs of two aligned files, one at a time; with
+    data.segmentation=mecab the Japanese side segmented again (`mecab_segmented`)."""
+    langs = (cfg.src_lang, cfg.tgt_lang)
+    side = langs.index("ja") if cfg.segmentation == "mecab" and "ja" in langs else None
+    for lineno, pair in enumerate(zip_longest(iter_lines(src_path), iter_lines(tgt_path)), 1):
+        if None in pair:
+            longer, shorter = (src_path, tgt_path) if pair[1] is None else (tgt_path, src_path)
+            raise Seq2SeqError(f"{shorter} has {lineno - 1} lines but {longer} has more: "
+                               "line N of one must translate line N of the other")
+        yield pair if side is None else mecab_segmented(pair, side)
+
+
+def mecab_segmented(pair: tuple[str, str], side: int) -> tuple[str, str]:
+    """The pair with its Japanese side (0: source, 1: target) joined and segmented again by MeCab, the
     segmenter `translate` applies to raw Japanese input (small_parallel_enja was segmented by KyTea, and
     a model that reads KyTea's words loses 3 BLEU on MeCab's: docs/results.md)."""
     from seq2seq.textprep import model_form, natural_form
 
-    out = {}
-    for split, sides in corpus.items():
-        japanese = [model_form(natural_form(line, "ja"), "ja") for line in sides[side]]
-        out[split] = (japanese, sides[1]) if side == 0 else (sides[0], japanese)
-    log.info("Japanese side re-segmented by MeCab (data.segmentation=mecab)")
-    return out
+    japanese = model_form(natural_form(pair[side], "ja"), "ja")
+    return (japanese, pair[1]) if side == 0 else (pair[0], japanese)
 
 
 def _required(cfg: DataConfig, key: str) -> str:
@@ -143,38 +158,44 @@ def _required(cfg: DataConfig, key: str) -> str:
     return value
 
 
-def load_small_enja(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+def small_enja_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
+    """small_parallel_enja's {train,dev,test}.{en,ja} in data.dir, fetched from data.url if missing."""
     root = Path(cfg.dir)
     for split, name in SMALL_ENJA_FILES.items():
         for lang in (cfg.src_lang, cfg.tgt_lang):
             path = root / f"{name}.{lang}"
-            if path.exists():
-                continue
-            log.info("fetching %s/%s.%s", cfg.url, name, lang)
-            try:
-                fetch(f"{cfg.url.rstrip('/')}/{name}.{lang}", path)
-            except Seq2SeqError as e:
-                raise Seq2SeqError(
-                    f"{e}. Put small_parallel_enja's {{train,dev,test}}.{{en,ja}} in {root}/, or point "
-                    "data.url at a copy (data.url=file:///path/to/small_parallel_enja); "
-                    "`experiment=smoke` runs offline on the demo corpus") from None
-    corpus = {}
-    for split, name in SMALL_ENJA_FILES.items():
-        src, tgt = read_parallel(root / f"{name}.{cfg.src_lang}", root / f"{name}.{cfg.tgt_lang}")
-        if len(src) != SMALL_ENJA_LINES[split]:
-            raise Seq2SeqError(f"{root / f'{name}.{cfg.src_lang}'} has {len(src)} lines, small_parallel_enja's "
-                               f"{name} split has {SMALL_ENJA_LINES[split]}: delete the file to fetch it again")
-        corpus[split] = (src, tgt)
-    return corpus
+            if not path.exists():
+                log.info("fetching %s/%s.%s", cfg.url, name, lang)
+                try:
+                    fetch(f"{cfg.url.rstrip('/')}/{name}.{lang}", path)
+                except Seq2SeqError as e:
+                    raise Seq2SeqError(
+                        f"{e}. Put small_parallel_enja's {{train,dev,test}}.{{en,ja}} in {root}/, or point "
+                        "data.url at a copy (data.url=file:///path/to/small_parallel_enja); "
+                        "`experiment=smoke` runs offline on the demo corpus") from None
+            n = count_lines(path)
+            if n != SMALL_ENJA_LINES[split]:
+                raise Seq2SeqError(f"{path} has {n} lines, small_parallel_enja's {name} split has "
+                                   f"{SMALL_ENJA_LINES[split]}: delete the file to fetch it again")
+    return {split: (root / f"{name}.{cfg.src_lang}", root / f"{name}.{cfg.tgt_lang}")
+            for split, name in SMALL_ENJA_FILES.items()}
 
 
-def load_tatoeba(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """Tab-separated `English<TAB>Japanese[<TAB>attribution]`, split by a hash of the English side.
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def tatoeba_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
+    """Tab-separated `English<TAB>Japanese[<TAB>attribution]` (data.dir/pairs.tsv, fetched from data.url),
+    split once by a hash of the English side into {train,valid,test}.{en,ja} files beside it.
 
     Hashing the English sentence keeps all its translations in one split, so no English sentence
     is both trained on and tested.
     """
-    path = Path(cfg.dir) / "pairs.tsv"
+    root = Path(cfg.dir)
+    path = root / "pairs.tsv"
     if not path.exists():
         log.info("fetching %s", cfg.url)
         try:
@@ -182,18 +203,26 @@ def load_tatoeba(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
         except Seq2SeqError as e:
             raise Seq2SeqError(f"{e}. Put the tab-separated pairs in {path}, or point data.url at a copy "
                                "(data.url=file:///path/to/pairs.tsv or jpn-eng.zip)") from None
-    splits = {split: ([], []) for split in SPLITS}
-    for lineno, line in enumerate(read_lines(path), 1):
-        fields = line.split("\t")
-        if len(fields) < 2:
-            raise Seq2SeqError(f"{path}:{lineno}: expected 'English<TAB>Japanese', found no tab")
-        pair = {"en": fields[0], "ja": fields[1]}
-        bucket = int(hashlib.md5(fields[0].strip().encode()).hexdigest(), 16) % 10_000 / 100
-        split = ("test" if bucket < cfg.test_percent
-                 else "valid" if bucket < cfg.test_percent + cfg.valid_percent else "train")
-        splits[split][0].append(pair[cfg.src_lang])
-        splits[split][1].append(pair[cfg.tgt_lang])
-    return splits
+    stamp = root / f"split-{cfg.valid_percent}-{cfg.test_percent}"
+    files = {split: (root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}") for split in SPLITS}
+    if stamp.exists() and stamp.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return files
+    with ExitStack() as stack:  # each split's lines go straight to its two files
+        out = {(split, lang): stack.enter_context(atomic_write(root / f"{split}.{lang}"))
+               for split in SPLITS for lang in ("en", "ja")}
+        for lineno, line in enumerate(iter_lines(path), 1):
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise Seq2SeqError(f"{path}:{lineno}: expected 'English<TAB>Japanese', found no tab")
+            bucket = int(hashlib.md5(fields[0].strip().encode()).hexdigest(), 16) % 10_000 / 100
+            split = ("test" if bucket < cfg.test_percent
+                     else "valid" if bucket < cfg.test_percent + cfg.valid_percent else "train")
+            out[split, "en"].write(fields[0] + "\n")
+            out[split, "ja"].write(fields[1] + "\n")
+    for old in root.glob("split-*"):
+        old.unlink()
+    stamp.touch()
+    return files
 
 
 def fetch_tatoeba(url: str, dest: Path) -> None:
@@ -210,8 +239,8 @@ def fetch_tatoeba(url: str, dest: Path) -> None:
         dest.write_bytes(zf.read(member))
 
 
-def load_demo(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """Generate the demo corpus into `cfg.dir` once (so it can be read and translated), then read it."""
+def demo_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
+    """The demo corpus, generated into data.dir once (so it can be read and translated)."""
     root = Path(cfg.dir)
     sizes = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
     stamp = root / f"sizes-{sizes['train']}-{sizes['valid']}-{sizes['test']}"
@@ -224,8 +253,11 @@ def load_demo(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
             for i, lang in enumerate(("en", "ja")):
                 write_text(root / f"{split}.{lang}", "".join(p[i] + "\n" for p in split_pairs))
         stamp.touch()
-    return {split: read_parallel(root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}")
-            for split in SPLITS}
+    return {split: (root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}") for split in SPLITS}
+
+
+def load_demo(cfg: DataConfig) -> dict[str, tuple[list[str], list[str]]]:
+    return {split: read_parallel(*paths) for split, paths in demo_files(cfg).items()}
 
 
 def clean_corpus(corpus: dict[str, tuple[list[str], list[str]]], nfkc: bool):
@@ -247,26 +279,3 @@ def clean_corpus(corpus: dict[str, tuple[list[str], list[str]]], nfkc: bool):
             src_clean, tgt_clean = [src_clean[i] for i in keep], [tgt_clean[i] for i in keep]
         cleaned[split] = (src_clean, tgt_clean)
     return cleaned
-
-
-def drop_overlap(corpus: dict[str, tuple[list[str], list[str]]]) -> tuple[list[str], list[str]]:
-    """The training pairs without exact duplicates and without any pair whose source or target is a
-    source or target of the dev or test split: no held-out sentence is ever trained on."""
-    held_src = {s for split in SPLITS if split != "train" for s in corpus.get(split, ([], []))[0]}
-    held_tgt = {t for split in SPLITS if split != "train" for t in corpus.get(split, ([], []))[1]}
-    src, tgt = corpus["train"]
-    seen, keep, n_dup, n_held = set(), [], 0, 0
-    for i, pair in enumerate(zip(src, tgt)):
-        if pair in seen:
-            n_dup += 1
-        elif pair[0] in held_src or pair[1] in held_tgt:
-            n_held += 1
-        else:
-            keep.append(i)
-        seen.add(pair)
-    if n_dup or n_held:
-        log.info("train: dropped %d duplicate pairs and %d pairs sharing a side with dev/test, of %d",
-                 n_dup, n_held, len(src))
-    if not keep:
-        raise Seq2SeqError("the training split has no pair left once the dev/test sentences are removed")
-    return [src[i] for i in keep], [tgt[i] for i in keep]

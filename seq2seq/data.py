@@ -1,5 +1,8 @@
 """Token-id arrays, token-budget batches and padding: what training and translation share (no Lightning;
 the corpus preparation and the LightningDataModule are in datamodule.py)."""
+import itertools
+import shutil
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +31,9 @@ class TokenArray:
     @classmethod
     def build(cls, seqs: list[list[int]], path: Path) -> "TokenArray":
         """Write `seqs` as `path.tokens.npy` + `path.offsets.npy` (atomically) and map them back."""
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum([len(s) for s in seqs], out=offsets[1:])
-        tokens = np.fromiter((i for s in seqs for i in s), dtype=np.int32, count=int(offsets[-1]))
-        for name, array in (("tokens", tokens), ("offsets", offsets)):
-            with atomic_write(path.with_name(f"{path.name}.{name}.npy"), "wb") as f:
-                np.save(f, array)
-        return cls.load(path)
+        writer = TokenArrayWriter(path)
+        writer.append(seqs)
+        return writer.close()
 
     @classmethod
     def load(cls, path: Path) -> "TokenArray":
@@ -44,6 +43,33 @@ class TokenArray:
     @staticmethod
     def exists(path: Path) -> bool:
         return path.with_name(f"{path.name}.offsets.npy").exists()
+
+
+class TokenArrayWriter:
+    """Builds a TokenArray's files from sequences appended chunk by chunk, holding only the offsets in
+    memory: the tokens go to disk as they come (`path.tokens.npy`, `path.offsets.npy`, like `build`)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offsets = path, array("q", [0])
+        self.raw = open(path.with_name(f"{path.name}.tokens.raw"), "wb")
+
+    def append(self, seqs: list[list[int]]) -> None:
+        for seq in seqs:
+            self.offsets.append(self.offsets[-1] + len(seq))
+        np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32).tofile(self.raw)
+
+    def close(self) -> TokenArray:
+        """Write the .npy files (a header, then the raw tokens copied over) and map them back."""
+        self.raw.close()
+        raw = self.path.with_name(f"{self.path.name}.tokens.raw")
+        with open(raw, "rb") as src, atomic_write(self.path.with_name(f"{self.path.name}.tokens.npy"), "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int32).str, "fortran_order": False,
+                                                     "shape": (self.offsets[-1],)})
+            shutil.copyfileobj(src, f, 1 << 24)
+        raw.unlink()
+        with atomic_write(self.path.with_name(f"{self.path.name}.offsets.npy"), "wb") as f:
+            np.save(f, np.frombuffer(self.offsets, dtype=np.int64))
+        return TokenArray.load(self.path)
 
 
 class ParallelDataset(Dataset):

@@ -1,25 +1,42 @@
-"""TranslationDataModule: corpus -> cleaning -> joint SentencePiece -> cached id arrays -> batches."""
+"""TranslationDataModule: corpus files -> streamed cleaning and filtering -> joint SentencePiece -> cached
+id arrays -> batches.
+
+The training split is never held in memory: one pass over its files decides which pairs to keep and
+draws the tokenizer's sample, a second pass encodes the kept pairs chunk by chunk straight into the
+memory-mapped token arrays. Memory grows with the corpus only by the offsets, one hash and one flag per
+pair. The arrays are cached under a key of the corpus files (path, size, modification time) and the
+data settings, so a second run over the same files opens them and starts training at once.
+"""
 import hashlib
 import logging
+import os
+import random
+import shutil
+from array import array
+from dataclasses import asdict
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from seq2seq.corpora import SPLITS, DataConfig, clean_corpus, drop_overlap, load_corpus
-from seq2seq.data import (LengthOrderSampler, ParallelDataset, ResumableDataLoader, TokenArray, TokenBatchSampler,
-                          collate)
+from seq2seq import Seq2SeqError
+from seq2seq.corpora import SPLITS, DataConfig, clean_line, corpus_files, iter_pairs
+from seq2seq.data import (LengthOrderSampler, ParallelDataset, ResumableDataLoader, TokenArray, TokenArrayWriter,
+                          TokenBatchSampler, collate)
+from seq2seq.files import atomic_write
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
+CHUNK_PAIRS = 20_000  # pairs cleaned and encoded at a time in the second pass
+EMPTY, HELD_OUT, CANDIDATE = 0, 1, 2  # what the first pass finds of each training pair
 
 
 def binarize(lines: list[str], tokenizer: Tokenizer, max_len: int, path: Path) -> TokenArray:
-    """Encode and cache `lines`, truncating to `max_len` ids (only valid/test can be too long here)."""
-    if TokenArray.exists(path):
-        return TokenArray.load(path)
+    """Encode `lines` (dev or test) into a TokenArray, truncating to `max_len` ids with a warning."""
     seqs = tokenizer.encode(lines)
     n_long = sum(len(s) > max_len for s in seqs)
     if n_long:
@@ -27,19 +44,94 @@ def binarize(lines: list[str], tokenizer: Tokenizer, max_len: int, path: Path) -
     return TokenArray.build([s[:max_len] for s in seqs], path)
 
 
-def drop_long_pairs(src, tgt, tokenizer: Tokenizer, max_len: int):
-    src_ids, tgt_ids = tokenizer.encode(src), tokenizer.encode(tgt)
-    keep = [i for i in range(len(src)) if len(src_ids[i]) <= max_len and len(tgt_ids[i]) <= max_len]
-    if len(keep) < len(src):
-        log.info("train: dropped %d of %d pairs over max_len=%d tokens", len(src) - len(keep), len(src), max_len)
-    return [src[i] for i in keep], [tgt[i] for i in keep]
+def scan_train(pairs, cfg: DataConfig, held_src: set, held_tgt: set) -> tuple[np.ndarray, list[str]]:
+    """First pass over the training pairs: which to keep, and the sample the tokenizer learns from.
+
+    Kept: both sides non-empty once cleaned and, with data.dedup, neither side a dev/test sentence and
+    no earlier pair the same (by a 64-bit hash of the pair). The sample is every kept pair's source then
+    every kept pair's target when there are at most data.tokenizer_sample candidates, else a uniform
+    sample of that many pairs (reservoir sampling, seed 0), in corpus order.
+    Returns keep (N,) bool and the sample's lines.
+    """
+    hashes, state = array("q"), array("b")
+    reservoir, rng, n_candidates = [], random.Random(0), 0
+    for i, (src, tgt) in enumerate(pairs):
+        src, tgt = clean_line(src, cfg.normalize), clean_line(tgt, cfg.normalize)
+        hashes.append(hash((src, tgt)))
+        if not (src and tgt):
+            state.append(EMPTY)
+            continue
+        if cfg.dedup and (src in held_src or tgt in held_tgt):
+            state.append(HELD_OUT)
+            continue
+        state.append(CANDIDATE)
+        n_candidates += 1
+        if len(reservoir) < cfg.tokenizer_sample:
+            reservoir.append((i, src, tgt))
+        elif (j := rng.randrange(n_candidates)) < cfg.tokenizer_sample:
+            reservoir[j] = (i, src, tgt)
+    keep = first_of_duplicates(np.frombuffer(hashes, dtype=np.int64), np.frombuffer(state, dtype=np.int8), cfg.dedup)
+    sample = sorted((i, src, tgt) for i, src, tgt in reservoir if keep[i])
+    log_scan(np.frombuffer(state, dtype=np.int8), keep, n_candidates, len(sample), cfg.tokenizer_sample)
+    return keep, [src for _, src, _ in sample] + [tgt for _, _, tgt in sample]
+
+
+def first_of_duplicates(hashes: np.ndarray, state: np.ndarray, dedup: bool) -> np.ndarray:
+    """(N,) True for the candidates to train on: with dedup, only the first of identical non-empty pairs."""
+    keep = state == CANDIDATE
+    if dedup:
+        non_empty = np.flatnonzero(state != EMPTY)
+        first = np.zeros(len(state), dtype=bool)
+        first[non_empty[np.unique(hashes[non_empty], return_index=True)[1]]] = True
+        keep &= first
+    if not keep.any():
+        raise Seq2SeqError("the training split has no pair left with both sides non-empty and no dev/test sentence")
+    return keep
+
+
+def log_scan(state: np.ndarray, keep: np.ndarray, n_candidates: int, n_sample: int, cap: int) -> None:
+    n = len(state)
+    log.info("train: %d pairs; dropped %d with an empty side, %d sharing a side with dev/test, %d duplicates",
+             n, int((state == EMPTY).sum()), int((state == HELD_OUT).sum()), n_candidates - int(keep.sum()))
+    if n_candidates > cap:
+        log.info("tokenizer: trained on a sample of %d of %d pairs (data.tokenizer_sample)", n_sample, n_candidates)
+
+
+def encode_train(pairs, keep: np.ndarray, cfg: DataConfig, tokenizer: Tokenizer, path: Path) -> ParallelDataset:
+    """Second pass: the kept pairs cleaned and encoded CHUNK_PAIRS at a time into the id arrays at `path`,
+    dropping pairs with a side longer than data.max_len tokens."""
+    src_out, tgt_out = TokenArrayWriter(path / "train.src"), TokenArrayWriter(path / "train.tgt")
+    n_long, pairs = 0, enumerate(pairs)
+    while chunk := list(islice(pairs, CHUNK_PAIRS)):
+        kept = [(clean_line(s, cfg.normalize), clean_line(t, cfg.normalize)) for i, (s, t) in chunk if keep[i]]
+        src_ids, tgt_ids = tokenizer.encode([s for s, _ in kept]), tokenizer.encode([t for _, t in kept])
+        fits = [k for k in range(len(kept)) if len(src_ids[k]) <= cfg.max_len and len(tgt_ids[k]) <= cfg.max_len]
+        n_long += len(kept) - len(fits)
+        src_out.append([src_ids[k] for k in fits])
+        tgt_out.append([tgt_ids[k] for k in fits])
+    if n_long:
+        log.info("train: dropped %d of %d pairs over max_len=%d tokens", n_long, int(keep.sum()), cfg.max_len)
+    return ParallelDataset(src_out.close(), tgt_out.close())
+
+
+def cache_key(cfg: DataConfig, files: dict[str, tuple[Path, Path]]) -> str:
+    """What the prepared arrays depend on: each corpus file (path, size, modification time) and the data
+    settings (all but the batching ones)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("max_tokens", "num_workers")}
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode() + b"format 2")
+    for split in SPLITS:
+        for path in files[split]:
+            stat = Path(path).stat()
+            digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 class TranslationDataModule(L.LightningDataModule):
-    """Corpus -> cleaning -> joint SentencePiece -> cached id arrays -> token-budget batches.
+    """Corpus files -> streamed cleaning and filtering -> joint SentencePiece -> cached id arrays ->
+    token-budget batches.
 
-    After `setup()`: `tokenizer`, `datasets[split]` and `texts[split]` = (src lines, tgt lines),
-    cleaned; the validation/test target lines are the BLEU references.
+    After `setup()`: `tokenizer`, `datasets[split]`, and `texts[split]` = (src lines, tgt lines), cleaned,
+    for valid and test only (their targets are the BLEU references).
     """
 
     def __init__(self, cfg: DataConfig, cache_dir: str | Path, seed: int):
@@ -52,23 +144,41 @@ class TranslationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
+        cfg, files = self.cfg, corpus_files(self.cfg)
+        for split in ("valid", "test"):
+            pairs = [(clean_line(s, cfg.normalize), clean_line(t, cfg.normalize)) for s, t in iter_pairs(*files[split], cfg)]
+            self.texts[split] = ([s for s, _ in pairs], [t for _, t in pairs])
+        path = self.cache_dir / f"{cfg.corpus}-{cache_key(cfg, files)}"
+        if not path.is_dir():
+            self.prepare(files, path)
+        self.tokenizer = Tokenizer((path / "spm.model").read_bytes())
+        self.datasets = {split: ParallelDataset(TokenArray.load(path / f"{split}.src"), TokenArray.load(path / f"{split}.tgt"))
+                         for split in SPLITS}
+        log.info("corpus %s %s->%s: %s pairs; vocab %d (%s)", cfg.corpus, cfg.src_lang, cfg.tgt_lang,
+                 ", ".join(f"{s} {len(self.datasets[s])}" for s in SPLITS), self.tokenizer.vocab_size, path)
+
+    def prepare(self, files: dict[str, tuple[Path, Path]], path: Path) -> None:
+        """Build the cache directory `path`: written under a temporary name, then renamed into place, so
+        that it exists only when complete (another process that got there first wins)."""
         cfg = self.cfg
-        self.texts = clean_corpus(load_corpus(cfg), nfkc=cfg.normalize)
-        if cfg.dedup:
-            self.texts["train"] = drop_overlap(self.texts)
-        train_src, train_tgt = self.texts["train"]
-        self.tokenizer = train_tokenizer(train_src + train_tgt, cfg.vocab_size, self.cache_dir)
-        self.texts["train"] = drop_long_pairs(train_src, train_tgt, self.tokenizer, cfg.max_len)
-        key = corpus_key(self.texts, self.tokenizer, cfg.max_len)
-        for split in SPLITS:
-            src, tgt = self.texts[split]
-            prefix = self.cache_dir / f"{cfg.corpus}-{key}" / split
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            self.datasets[split] = ParallelDataset(
-                binarize(src, self.tokenizer, cfg.max_len, prefix.with_name(f"{split}.src")),
-                binarize(tgt, self.tokenizer, cfg.max_len, prefix.with_name(f"{split}.tgt")))
-        log.info("corpus %s %s->%s: %s pairs; vocab %d", cfg.corpus, cfg.src_lang, cfg.tgt_lang,
-                 ", ".join(f"{s} {len(self.datasets[s])}" for s in SPLITS), self.tokenizer.vocab_size)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        held_src, held_tgt = (set(self.texts["valid"][i] + self.texts["test"][i]) for i in (0, 1))
+        keep, sample = scan_train(iter_pairs(*files["train"], cfg), cfg, held_src, held_tgt)
+        tokenizer = train_tokenizer(sample, cfg.vocab_size, self.cache_dir)
+        del sample
+        encode_train(iter_pairs(*files["train"], cfg), keep, cfg, tokenizer, tmp)
+        for split in ("valid", "test"):
+            for side, lines in zip(("src", "tgt"), self.texts[split]):
+                binarize(lines, tokenizer, cfg.max_len, tmp / f"{split}.{side}")
+        with atomic_write(tmp / "spm.model", "wb") as f:
+            f.write(tokenizer.model_proto)
+        try:
+            tmp.rename(path)
+        except OSError:  # prepared by another process meanwhile: use theirs
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def dataloader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
@@ -90,10 +200,3 @@ class TranslationDataModule(L.LightningDataModule):
         return self.dataloader("test", shuffle=False)
 
 
-def corpus_key(texts, tokenizer: Tokenizer, max_len: int) -> str:
-    """Hash of everything the id arrays depend on: the cleaned text, the tokenizer, the length limit."""
-    digest = hashlib.sha256(tokenizer.model_proto + str(max_len).encode())
-    for split in SPLITS:
-        for side in texts[split]:
-            digest.update("\n".join(side).encode() + b"\0")
-    return digest.hexdigest()[:16]

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, write_small_enja_mirror
 def data_cfg(corpus, directory, **kw) -> DataConfig:
     base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
                 normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0,
-                dedup=True, segmentation="corpus")
+                dedup=True, segmentation="corpus", tokenizer_sample=500_000)
     return DataConfig(**{**base, **kw})
 
 
@@ -136,14 +136,31 @@ def test_gzipped_files_are_read_as_they_are_and_a_torn_one_is_one_line(tmp_path)
         read_lines(tmp_path / "torn.gz")
 
 
-def test_no_dev_or_test_sentence_is_trained_on():
-    from seq2seq.corpora import drop_overlap
+def test_no_dev_or_test_sentence_is_trained_on(tmp_path):
+    """The first pass over the training pairs keeps the first of duplicates and drops empty pairs and any
+    pair with a dev/test side; the tokenizer's sample is the kept sources, then the kept targets."""
+    from seq2seq.datamodule import scan_train
 
-    corpus = {"train": (["a", "b", "a", "c", "d", "e"], ["1", "2", "1", "3", "4", "5"]),
-              "valid": (["c"], ["9"]), "test": (["x"], ["5"])}
-    assert drop_overlap(corpus) == (["a", "b", "d"], ["1", "2", "4"])  # duplicate a, c (dev source), e (test target)
+    train = [("a", "1"), ("b", "2"), ("a", "1"), ("c", "3"), ("d", " "), ("e", "5"), ("  f ", "6"), ("f", "6")]
+    cfg = data_cfg("demo", tmp_path)
+    keep, sample = scan_train(iter(train), cfg, held_src={"c"}, held_tgt={"5"})
+    assert keep.tolist() == [True, True, False, False, False, False, True, False]  # "  f " cleans to "f"
+    assert sample == ["a", "b", "f", "1", "2", "6"]
+    keep, _ = scan_train(iter(train), replace(cfg, dedup=False), held_src={"c"}, held_tgt={"5"})
+    assert keep.tolist() == [True, True, True, True, False, True, True, True]  # only the empty side goes
     with pytest.raises(Seq2SeqError, match="no pair left"):
-        drop_overlap({"train": (["c"], ["9"]), "valid": (["c"], ["9"]), "test": ([], [])})
+        scan_train(iter([("c", "9")]), cfg, held_src={"c"}, held_tgt=set())
+
+
+def test_the_tokenizer_sample_is_bounded_and_uniform(tmp_path):
+    from seq2seq.datamodule import scan_train
+
+    train = [(f"s{i}", f"t{i}") for i in range(1000)]
+    keep, sample = scan_train(iter(train), data_cfg("demo", tmp_path, tokenizer_sample=100), set(), set())
+    assert keep.all() and len(sample) == 200
+    sources = [int(s[1:]) for s in sample[:100]]
+    assert sources == sorted(sources) and [f"t{i}" for i in sources] == sample[100:]  # pairs, in corpus order
+    assert 300 < sum(sources) / 100 < 700  # drawn from the whole corpus, not its head
 
 
 def test_a_data_config_stored_by_an_older_version_still_loads(tmp_path):
