@@ -6,7 +6,8 @@ sentences differ and the tokenizer has real text to learn from; dev and test are
 each size it runs, each in a fresh process (`data=files`, the project's own data settings):
   1. the preparation, as `run.py train` does it (TranslationDataModule.setup): wall time and the
      process's peak RSS;
-  2. a second run over the same files: time from process start until the first training batch is ready.
+  2. a second run over the same files: time from process start until the first training batch is ready,
+     and the time one more epoch's batches take to deal.
 
     python bench/data_scale.py --data-url PATH/small_parallel_enja --sizes 250000 1000000 4000000 --work /tmp/scale
 """
@@ -57,9 +58,12 @@ def child(corpus: Path, cache: Path) -> None:
     datamodule = TranslationDataModule(DataConfig(**cfg.data), cache / "cache", seed=0)
     datamodule.setup()
     set_up = time.perf_counter()
-    next(iter(datamodule.train_dataloader()))
-    print(json.dumps({"imports_s": imported - START, "setup_s": set_up - imported,
-                      "first_batch_s": time.perf_counter() - START, "train_pairs": len(datamodule.datasets["train"])}))
+    loader = datamodule.train_dataloader()
+    next(iter(loader))
+    first_batch = time.perf_counter()
+    loader.batch_sampler.batches()  # one more epoch's batches
+    print(json.dumps({"imports_s": imported - START, "setup_s": set_up - imported, "first_batch_s": first_batch - START,
+                      "epoch_batches_s": time.perf_counter() - first_batch, "train_pairs": len(datamodule.datasets["train"])}))
 
 
 def run_child(corpus: Path, cache: Path) -> dict:
@@ -86,14 +90,15 @@ def main():
 
     print(machine_report(this_machine()), flush=True)
     print(f"{'pairs':>9} {'kept':>9} {'prepare s':>9} {'s/M pairs':>9} {'peak RSS MB':>11} "
-          f"{'2nd run: 1st batch s':>20} {'2nd run RSS MB':>14}", flush=True)
+          f"{'2nd run: 1st batch s':>20} {'2nd run RSS MB':>14} {'epoch batching s':>16}", flush=True)
     for n in args.sizes:
         corpus, cache = Path(args.work) / f"corpus-{n}", Path(args.work) / f"cache-{n}"
         make_corpus(Path(args.data_url), n, corpus)
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         first, second = run_child(corpus, cache), run_child(corpus, cache)
         print(f"{n:>9} {first['train_pairs']:>9} {first['setup_s']:>9.1f} {first['setup_s'] / n * 1e6:>9.1f} "
-              f"{first['peak_rss_mb']:>11.0f} {second['first_batch_s']:>20.1f} {second['peak_rss_mb']:>14.0f}", flush=True)
+              f"{first['peak_rss_mb']:>11.0f} {second['first_batch_s']:>20.1f} {second['peak_rss_mb']:>14.0f} "
+              f"{second.get('epoch_batches_s', float('nan')):>16.2f}", flush=True)
 
 
 if __name__ == "__main__":

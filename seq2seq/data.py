@@ -103,12 +103,32 @@ class LengthOrderSampler(Sampler[int]):
     def rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
 
-    def __iter__(self):
+    def order(self) -> np.ndarray:
+        """This epoch's indices, by size. (N,) int64"""
         order = self.rng().permutation(len(self.sizes)) if self.shuffle else np.arange(len(self.sizes))
-        return iter(order[np.argsort(self.sizes[order], kind="stable")].tolist())
+        return order[np.argsort(self.sizes[order], kind="stable")]
+
+    def __iter__(self):
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
         return len(self.sizes)
+
+
+def batch_starts(sorted_sizes: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Where each batch starts in a size-sorted order: batches as long as (count x widest) fits max_tokens.
+
+    Sorted, a batch's widest pair is its last, so the batch from a ends before the first k with
+    (k - a + 1) * size[k] > max_tokens; (k - a + 1) * size[k] only grows with k, so that k is found in a
+    window of max_tokens // size[a] + 1 pairs. One numpy step per batch, none per pair. (B,) int64
+    """
+    starts, a, n = [], 0, len(sorted_sizes)
+    while a < n:
+        window = sorted_sizes[a:a + max_tokens // max(int(sorted_sizes[a]), 1) + 1]
+        fits = np.arange(1, len(window) + 1) * window <= max_tokens
+        starts.append(a)
+        a += max(int(np.argmin(fits)) if not fits.all() else len(window), 1)
+    return np.array(starts, dtype=np.int64)
 
 
 class TokenBatchSampler(Sampler[list[int]]):
@@ -116,6 +136,8 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     Sorting first means each batch holds similar lengths (little padding); with shuffling on, the
     batch order is shuffled too. Under torch.distributed each rank takes every world_size-th batch.
+    Batches are numpy index arrays (8 bytes a pair), and their number is counted once: it is the same
+    every epoch, as the sizes are.
     """
 
     def __init__(self, sampler: LengthOrderSampler, max_tokens: int):
@@ -124,18 +146,11 @@ class TokenBatchSampler(Sampler[list[int]]):
         if len(sampler.sizes) and sampler.sizes.max() > max_tokens:
             raise Seq2SeqError(f"data.max_tokens={max_tokens} is smaller than one sentence "
                                f"({sampler.sizes.max()} tokens): raise data.max_tokens or lower data.max_len")
+        self.n_batches = len(batch_starts(np.sort(sampler.sizes), max_tokens))
 
-    def batches(self) -> list[list[int]]:
-        batches, batch, width = [], [], 0
-        for i in self.sampler:
-            new_width = max(width, self.sampler.sizes[i])
-            if batch and (len(batch) + 1) * new_width > self.max_tokens:
-                batches.append(batch)
-                batch, new_width = [], self.sampler.sizes[i]
-            batch.append(i)
-            width = new_width
-        if batch:
-            batches.append(batch)
+    def batches(self) -> list[np.ndarray]:
+        order = self.sampler.order()
+        batches = np.split(order, batch_starts(self.sampler.sizes[order], self.max_tokens)[1:])
         if self.sampler.shuffle:
             self.sampler.rng().shuffle(batches)
             if dist.is_available() and dist.is_initialized():
@@ -144,10 +159,12 @@ class TokenBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self):
-        return iter(self.batches()[self.start:])
+        return (batch.tolist() for batch in self.batches()[self.start:])
 
     def __len__(self) -> int:
-        return len(self.batches())
+        if self.sampler.shuffle and dist.is_available() and dist.is_initialized():
+            return self.n_batches // dist.get_world_size()
+        return self.n_batches
 
 
 class ResumableDataLoader(DataLoader):

@@ -15,7 +15,7 @@ def sampler(sizes, max_tokens=64, shuffle=True, seed=0):
 def test_batches_respect_the_budget_and_cover_every_pair_once():
     rng = np.random.default_rng(0)
     sizes = rng.integers(2, 30, size=500)
-    batches = sampler(sizes).batches()
+    batches = list(sampler(sizes))
     assert sorted(i for b in batches for i in b) == list(range(500))
     assert all(len(b) * sizes[b].max() <= 64 for b in batches)
     # bucketing: lengths within a batch are close, so padding is small
@@ -26,13 +26,35 @@ def test_batches_respect_the_budget_and_cover_every_pair_once():
 def test_shuffling_changes_with_epoch_and_is_reproducible():
     sizes = np.random.default_rng(0).integers(2, 30, size=300)
     s = sampler(sizes)
-    first = s.batches()
+    first = list(s)
     s.sampler.set_epoch(1)
-    second = s.batches()
-    assert first != second
+    second = list(s)
+    assert first != second and len(first) == len(second) == len(s)
     s.sampler.set_epoch(0)
-    assert s.batches() == first
-    assert sampler(sizes, shuffle=False).batches() == sampler(sizes, shuffle=False).batches()
+    assert list(s) == first
+    assert list(sampler(sizes, shuffle=False)) == list(sampler(sizes, shuffle=False))
+
+
+def greedy_batches(order: list[int], sizes, max_tokens: int) -> list[list[int]]:
+    """The definition, one pair at a time: a batch ends before the pair that would overflow it."""
+    batches, batch, width = [], [], 0
+    for i in order:
+        new_width = max(width, sizes[i])
+        if batch and (len(batch) + 1) * new_width > max_tokens:
+            batches.append(batch)
+            batch, new_width = [], sizes[i]
+        batch.append(i)
+        width = new_width
+    return batches + ([batch] if batch else [])
+
+
+@pytest.mark.parametrize("seed, n, low, high, max_tokens", [(0, 1000, 2, 30, 64), (1, 5000, 1, 200, 4096),
+                                                            (2, 1, 5, 6, 5), (3, 300, 1, 2, 7), (4, 2000, 3, 64, 64)])
+def test_numpy_batching_equals_the_greedy_definition(seed, n, low, high, max_tokens):
+    sizes = np.random.default_rng(seed).integers(low, high, size=n)
+    s = sampler(sizes, max_tokens=max_tokens, shuffle=False)
+    assert [b.tolist() for b in s.batches()] == greedy_batches(s.sampler.order().tolist(), sizes, max_tokens)
+    assert len(s) == len(s.batches())
 
 
 def test_budget_smaller_than_one_sentence_is_an_error():
