@@ -29,6 +29,7 @@ from seq2seq.search import SearchConfig
 from seq2seq.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
+AUTO_VALIDATION_BATCHES = 2000  # trainer.val_check_interval=auto: at most this many batches between validations
 
 
 @contextmanager
@@ -131,6 +132,9 @@ def train_job(cfg: DictConfig) -> float:
                                        mode="max", save_top_k=run.keep_last, save_weights_only=True,
                                        auto_insert_metric_name=False, enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg["val_check_interval"] == "auto":
+        batches = len(datamodule.train_dataloader())
+        trainer_cfg["val_check_interval"], trainer_cfg["check_val_every_n_epoch"] = validation_interval(batches)
     trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())
     if trainer_cfg.get("max_time"):
         callbacks.append(BudgetWarmup(optim_cfg.max_warmup_share))
@@ -152,6 +156,17 @@ def train_job(cfg: DictConfig) -> float:
     if not trainer.is_global_zero:  # under DDP every rank decodes the same dev/test sets; rank 0 reports
         return float(checkpoint.best_model_score or float("nan"))
     return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
+
+
+def validation_interval(batches_per_epoch: int) -> tuple[float | int, int | None]:
+    """trainer.val_check_interval=auto: once an epoch, or every AUTO_VALIDATION_BATCHES batches when an
+    epoch is longer (a large corpus would otherwise wait hours for its first score). Returns Lightning's
+    (val_check_interval, check_val_every_n_epoch)."""
+    if batches_per_epoch <= AUTO_VALIDATION_BATCHES:
+        return 1.0, 1
+    log.info("validation every %d batches (an epoch has %d; trainer.val_check_interval=auto)",
+             AUTO_VALIDATION_BATCHES, batches_per_epoch)
+    return AUTO_VALIDATION_BATCHES, None
 
 
 def score_final_weights(trainer: L.Trainer, module: TranslationModule, datamodule, checkpoint: ModelCheckpoint,

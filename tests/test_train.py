@@ -327,3 +327,11 @@ def test_a_run_that_ends_before_its_first_validation_still_scores_and_keeps_a_ch
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["val/bleu"] is not None and results["best_checkpoint"] == str(tmp_path / "checkpoints" / "best.ckpt")
     assert load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")["global_step"] == 20
+
+
+def test_automatic_validation_interval_is_each_epoch_or_every_2000_batches_of_a_long_one():
+    from seq2seq.train import validation_interval
+
+    assert validation_interval(350) == (1.0, 1)  # small_parallel_enja: ~350 batches an epoch
+    assert validation_interval(2000) == (1.0, 1)
+    assert validation_interval(26_000) == (2000, None)  # 4M pairs: the first score after 2,000, not 26,000
