@@ -39,6 +39,8 @@ def build_config(cls, cfg: DictConfig | dict, group: str, top_level: bool = Fals
     if unknown:
         raise Seq2SeqError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(set(known) - set(derived)))})")
     for name, value in values.items():
+        if value == "???":  # OmegaConf's mark for a value the preset leaves to the command line
+            raise Seq2SeqError(f"{prefix}{name} is not set: give it on the command line ({prefix}{name}=...)")
         if not has_type(value, known[name]):
             expected = getattr(known[name], "__name__", str(known[name]))
             raise Seq2SeqError(f"{prefix}{name}={value!r}: expected {expected}")

@@ -30,7 +30,7 @@ SMALL_ENJA_LINES = {"train": 50_000, "valid": 500, "test": 500}
 class DataConfig:
     """The `data` config group. Keys a corpus does not use stay None."""
 
-    corpus: str  # small_enja | tatoeba | files | demo
+    corpus: str  # small_enja | tatoeba | tsv | files | demo
     dir: str  # where the corpus files live (downloaded or generated into)
     src_lang: str
     tgt_lang: str
@@ -44,8 +44,13 @@ class DataConfig:
     segmentation: str  # pre-tokenized Japanese: as the corpus has it ("corpus") or re-segmented by "mecab"
     tokenizer_sample: int  # SentencePiece learns from at most this many training pairs (a uniform sample)
     url: str | None = None
-    valid_percent: float | None = None  # tatoeba: share of English sentences held out
+    valid_percent: float | None = None  # tatoeba, tsv: share of source sentences held out (by hash)
     test_percent: float | None = None
+    columns: list[str] | None = None  # tatoeba, tsv: what each tab-separated column holds (en, ja, score, ...)
+    min_score: float | None = None  # tsv: pairs whose score column is below this are dropped
+    train_tsv: str | None = None  # tsv: the pairs; valid_tsv/test_tsv, or held out from train_tsv by hash
+    valid_tsv: str | None = None
+    test_tsv: str | None = None
     n_train: int | None = None  # demo: corpus sizes
     n_valid: int | None = None
     n_test: int | None = None
@@ -120,12 +125,15 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
     if cfg.corpus == "small_enja":
         return small_enja_files(cfg)
     if cfg.corpus == "tatoeba":
-        return tatoeba_files(cfg)
+        return tsv_files(cfg, {"train": tatoeba_tsv(cfg)})
+    if cfg.corpus == "tsv":
+        return tsv_files(cfg, {split: Path(getattr(cfg, f"{split}_tsv")) for split in SPLITS
+                               if getattr(cfg, f"{split}_tsv") or split == "train" and _required(cfg, "train_tsv")})
     if cfg.corpus == "files":
         return {split: (Path(_required(cfg, f"{split}_src")), Path(_required(cfg, f"{split}_tgt"))) for split in SPLITS}
     if cfg.corpus == "demo":
         return demo_files(cfg)
-    raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, files or demo")
+    raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, tsv, files or demo")
 
 
 def iter_pairs(src_path: Path, tgt_path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
@@ -154,7 +162,7 @@ def mecab_segmented(pair: tuple[str, str], side: int) -> tuple[str, str]:
 def _required(cfg: DataConfig, key: str) -> str:
     value = getattr(cfg, key)
     if not value:
-        raise Seq2SeqError(f"data.{key} is not set: data=files needs data.{{train,valid,test}}_{{src,tgt}}")
+        raise Seq2SeqError(f"data.{key} is not set: data={cfg.corpus} needs it")
     return value
 
 
@@ -187,15 +195,9 @@ def count_lines(path: Path) -> int:
     return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
-def tatoeba_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
-    """Tab-separated `English<TAB>Japanese[<TAB>attribution]` (data.dir/pairs.tsv, fetched from data.url),
-    split once by a hash of the English side into {train,valid,test}.{en,ja} files beside it.
-
-    Hashing the English sentence keeps all its translations in one split, so no English sentence
-    is both trained on and tested.
-    """
-    root = Path(cfg.dir)
-    path = root / "pairs.tsv"
+def tatoeba_tsv(cfg: DataConfig) -> Path:
+    """data.dir/pairs.tsv, fetched from data.url (a .tsv, or the manythings jpn-eng.zip) if missing."""
+    path = Path(cfg.dir) / "pairs.tsv"
     if not path.exists():
         log.info("fetching %s", cfg.url)
         try:
@@ -203,26 +205,73 @@ def tatoeba_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
         except Seq2SeqError as e:
             raise Seq2SeqError(f"{e}. Put the tab-separated pairs in {path}, or point data.url at a copy "
                                "(data.url=file:///path/to/pairs.tsv or jpn-eng.zip)") from None
-    stamp = root / f"split-{cfg.valid_percent}-{cfg.test_percent}"
+    return path
+
+
+def tsv_files(cfg: DataConfig, sources: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
+    """Tab-separated pairs (`data.columns` names each column: a language, `score`, or anything else)
+    as aligned {train,valid,test}.{src,tgt} files in data.dir, written once per sources and settings.
+
+    A split without a file of its own is cut from train's pairs by a hash of the first language
+    column (tatoeba: the English sentence), so all the translations of one sentence go to one split
+    and none of them is both trained on and tested. With `score` among the columns and data.min_score
+    set, pairs scored below it are dropped (JParaCrawl, WikiMatrix).
+    """
+    root = Path(cfg.dir)
     files = {split: (root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}") for split in SPLITS}
-    if stamp.exists() and stamp.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+    key = hashlib.sha256(repr((cfg.columns, cfg.min_score, cfg.valid_percent, cfg.test_percent, cfg.src_lang,
+                               cfg.tgt_lang)).encode())
+    for split, path in sorted(sources.items()):
+        key.update(f"{split}\0{Path(path).resolve()}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}".encode())
+    stamp = root / f"split-{key.hexdigest()[:16]}"
+    if stamp.exists():
         return files
-    with ExitStack() as stack:  # each split's lines go straight to its two files
-        out = {(split, lang): stack.enter_context(atomic_write(root / f"{split}.{lang}"))
-               for split in SPLITS for lang in ("en", "ja")}
-        for lineno, line in enumerate(iter_lines(path), 1):
-            fields = line.split("\t")
-            if len(fields) < 2:
-                raise Seq2SeqError(f"{path}:{lineno}: expected 'English<TAB>Japanese', found no tab")
-            bucket = int(hashlib.md5(fields[0].strip().encode()).hexdigest(), 16) % 10_000 / 100
-            split = ("test" if bucket < cfg.test_percent
-                     else "valid" if bucket < cfg.test_percent + cfg.valid_percent else "train")
-            out[split, "en"].write(fields[0] + "\n")
-            out[split, "ja"].write(fields[1] + "\n")
+    with ExitStack() as stack:  # each split's pairs go straight to its two files
+        out = {split: (stack.enter_context(atomic_write(src)), stack.enter_context(atomic_write(tgt)))
+               for split, (src, tgt) in files.items()}
+        missing = [split for split in SPLITS if split not in sources]  # cut from train's pairs
+        for split, source in sources.items():
+            for src, tgt, held_out in tsv_pairs(source, cfg, cut_into=missing if split == "train" else []):
+                out[held_out or split][0].write(src + "\n")
+                out[held_out or split][1].write(tgt + "\n")
     for old in root.glob("split-*"):
         old.unlink()
     stamp.touch()
     return files
+
+
+def tsv_pairs(path: Path, cfg: DataConfig, cut_into: list[str]) -> Iterator[tuple[str, str, str | None]]:
+    """(source, target, the split of `cut_into` (valid, test) it is held out for, or None) for each pair of
+    a tab-separated file that passes data.min_score."""
+    columns = list(cfg.columns or ())
+    for lang in (cfg.src_lang, cfg.tgt_lang):
+        if lang not in columns:
+            raise Seq2SeqError(f"data.columns={columns}: no column holds {lang}; name each column, e.g. [en, ja]")
+    first = next(c for c in columns if c in (cfg.src_lang, cfg.tgt_lang))
+    at = {name: columns.index(name) for name in (cfg.src_lang, cfg.tgt_lang, first, "score") if name in columns}
+    n_low = 0
+    for lineno, line in enumerate(iter_lines(path), 1):
+        fields = line.split("\t")
+        if len(fields) <= max(at.values()):
+            raise Seq2SeqError(f"{path}:{lineno}: {len(fields)} tab-separated column(s) where data.columns "
+                               f"names {len(columns)} ({', '.join(columns)})")
+        if "score" in at and cfg.min_score is not None:
+            try:
+                score = float(fields[at["score"]])
+            except ValueError:
+                raise Seq2SeqError(f"{path}:{lineno}: score column: {fields[at['score']]!r} is not a number") from None
+            if score < cfg.min_score:
+                n_low += 1
+                continue
+        held_out = None
+        if cut_into:
+            bucket = int(hashlib.md5(fields[at[first]].strip().encode()).hexdigest(), 16) % 10_000 / 100
+            held_out = ("test" if bucket < cfg.test_percent
+                        else "valid" if bucket < cfg.test_percent + cfg.valid_percent else None)
+            held_out = held_out if held_out in cut_into else None
+        yield fields[at[cfg.src_lang]], fields[at[cfg.tgt_lang]], held_out
+    if n_low:
+        log.info("%s: dropped %d pairs scored below data.min_score=%s", path, n_low, cfg.min_score)
 
 
 def fetch_tatoeba(url: str, dest: Path) -> None:

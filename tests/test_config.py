@@ -20,6 +20,8 @@ def test_every_config_option_composes_and_builds(group, option, tmp_path):
     overrides = [f"{group}={option}", f"data_dir={tmp_path}", f"output_dir={tmp_path}"]
     if group == "data" and option == "files":
         overrides += [f"data.{s}_{side}=x" for s in ("train", "valid", "test") for side in ("src", "tgt")]
+    if group == "data" and option == "tsv":
+        overrides += ["data.train_tsv=x"]
     cfg = compose_train(overrides)
     OmegaConf.resolve(cfg)
     build_config(ModelConfig, cfg.model, "model", vocab_size=100, pad_id=0)
@@ -62,9 +64,12 @@ def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, na
 
 
 @pytest.mark.slow
-def test_missing_mandatory_value_is_one_line():
+def test_missing_mandatory_value_is_one_line(tmp_path):
     proc = run_py("translate", input="")
     assert proc.returncode == 1 and proc.stderr.strip() == "error: Missing mandatory value: ckpt"
+    cfg = compose_train(["data=tsv", f"data_dir={tmp_path}", f"output_dir={tmp_path}"])  # train_tsv: ???
+    with pytest.raises(Seq2SeqError, match=r"^data.train_tsv is not set: give it on the command line"):
+        build_config(DataConfig, cfg.data, "data")
 
 
 @pytest.mark.slow

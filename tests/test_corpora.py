@@ -85,7 +85,7 @@ def test_tatoeba_split_keeps_each_english_sentence_in_one_split(tmp_path):
     for i in range(400):
         lines += [f"Sentence {i}.\t文{i}です。\tCC-BY 2.0 (France) Attribution", f"Sentence {i}.\t文{i}だ。"]
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
-    cfg = data_cfg("tatoeba", tmp_path, valid_percent=10, test_percent=10)
+    cfg = data_cfg("tatoeba", tmp_path, valid_percent=10, test_percent=10, columns=["en", "ja", "attribution"])
     corpus = load_corpus(cfg)
     english = {split: set(corpus[split][0]) for split in corpus}
     assert sum(len(corpus[s][0]) for s in corpus) == 800
@@ -99,8 +99,41 @@ def test_tatoeba_split_keeps_each_english_sentence_in_one_split(tmp_path):
 
 def test_tatoeba_line_without_tab(tmp_path):
     (tmp_path / "pairs.tsv").write_text("Hi.\tやあ。\nno tab here\n")
-    with pytest.raises(Seq2SeqError, match=r"pairs\.tsv:2: expected 'English<TAB>Japanese'"):
-        load_corpus(data_cfg("tatoeba", tmp_path, valid_percent=5, test_percent=5))
+    with pytest.raises(Seq2SeqError, match=r"pairs\.tsv:2: 1 tab-separated column\(s\) where data.columns names 2"):
+        load_corpus(data_cfg("tatoeba", tmp_path, valid_percent=5, test_percent=5, columns=["en", "ja"]))
+
+
+def test_tsv_columns_scores_and_held_out_splits(tmp_path):
+    """JParaCrawl's layout (domain, score, en, ja), gzip'd: low scores dropped, dev/test cut by hash of the
+    English side, or taken from their own files; a bad score or a short line names file and line."""
+    import gzip
+
+    lines = [f"site{i}.jp\t{0.5 + (i % 10) / 20}\tSentence {i}.\t文{i}です。" for i in range(2000)]
+    with gzip.open(tmp_path / "train.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    cfg = data_cfg("tsv", tmp_path / "out", train_tsv=str(tmp_path / "train.tsv.gz"),
+                   columns=["domain", "score", "en", "ja"], min_score=0.7, valid_percent=5, test_percent=5)
+    corpus = load_corpus(cfg)
+    assert sum(len(corpus[s][0]) for s in corpus) == 1200  # scores 0.5 .. 0.95: 6 of every 10 reach 0.7
+    assert 30 < len(corpus["valid"][0]) < 100 and 30 < len(corpus["test"][0]) < 100
+    assert corpus["train"][0][0] == "Sentence 4." and corpus["train"][1][0] == "文4です。"
+    assert not set(corpus["train"][0]) & (set(corpus["valid"][0]) | set(corpus["test"][0]))
+    jaen = load_corpus(replace(cfg, src_lang="ja", tgt_lang="en"))
+    assert jaen["test"] == (corpus["test"][1], corpus["test"][0])
+
+    (tmp_path / "dev.tsv").write_text("x\t1\tDev one.\t開発。\n")
+    (tmp_path / "test.tsv").write_text("x\t1\tTest one.\t試験。\n")
+    own = load_corpus(replace(cfg, dir=str(tmp_path / "own"), valid_tsv=str(tmp_path / "dev.tsv"),
+                              test_tsv=str(tmp_path / "test.tsv")))
+    assert own["valid"] == (["Dev one."], ["開発。"]) and len(own["train"][0]) == 1200
+    dev_only = load_corpus(replace(cfg, dir=str(tmp_path / "dev_only"), valid_tsv=str(tmp_path / "dev.tsv")))
+    assert dev_only["valid"] == own["valid"] and dev_only["test"] == corpus["test"]  # only test is cut
+
+    (tmp_path / "bad.tsv").write_text("x\t0.9\tA.\tあ。\nx\thigh\tB.\tい。\n")
+    with pytest.raises(Seq2SeqError, match=r"bad\.tsv:2: score column: 'high' is not a number"):
+        load_corpus(replace(cfg, dir=str(tmp_path / "bad"), train_tsv=str(tmp_path / "bad.tsv")))
+    with pytest.raises(Seq2SeqError, match=r"data.columns=\['en', 'score'\]: no column holds ja"):
+        load_corpus(replace(cfg, dir=str(tmp_path / "bad2"), columns=["en", "score"]))
 
 
 def test_demo_corpus_splits_are_disjoint(demo_corpus):
