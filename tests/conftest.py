@@ -3,6 +3,7 @@ from pathlib import Path
 
 import resource
 import signal
+import socket
 import subprocess
 import sys
 
@@ -66,6 +67,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "smoke_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_py(*args, timeout=900, **kw):

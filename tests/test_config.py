@@ -100,3 +100,14 @@ def test_task_keys_are_checked():
     check_flag("split", False)
     with pytest.raises(Seq2SeqError, match="seed='x': expected int"):
         build_config(RunConfig, {"seed": "x", "keep_last": 5, "patience": 10}, "run", top_level=True)
+
+
+def test_the_slurm_launcher_preset_takes_nodes_and_gpus_from_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm_ddp", "trainer=ddp", "trainer.num_nodes=3",
+                                          "trainer.devices=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)

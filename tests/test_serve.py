@@ -1,7 +1,6 @@
 """`run.py serve`: LibreTranslate's API, batching of concurrent requests, limits and errors as 4xx."""
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from fastapi.testclient import TestClient
 from seq2seq.checkpoint import TextInfo
 from seq2seq.search import SearchConfig
 from seq2seq.serve import ServeLimits, create_app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 
 class Echo:
@@ -152,12 +151,6 @@ def test_the_same_answer_as_translate(smoke_run):
     assert answer["translatedText"] == translator.translate(lines, search)
     assert forced["translatedText"] == [h[0][0] for h in translator.translate_nbest(lines, search, prefixes=["猫", "", ""])]
     assert forced["translatedText"][0].startswith("猫") and forced["translatedText"][1:] == answer["translatedText"][1:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

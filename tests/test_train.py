@@ -2,6 +2,7 @@
 a non-finite loss stops it, a killed run resumes bit-exact, a full disk is one line."""
 import csv
 import json
+import os
 from dataclasses import replace
 import shutil
 import signal
@@ -20,7 +21,7 @@ from seq2seq.datamodule import TranslationDataModule
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.train import train
-from tests.conftest import ROOT, compose_train, run_limited, run_py, write_small_enja_mirror
+from tests.conftest import ROOT, compose_train, free_port, run_limited, run_py, write_small_enja_mirror
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -179,6 +180,36 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert json.loads((out / "results.json").read_text())["global_step"] == 20
     assert output.count("[seq2seq.train][INFO] - results: {") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_process_accumulating_two_batches(tmp_path, data_dir):
+    """trainer.num_nodes=2, one process per "node", started as a cluster would start them: gloo over
+    loopback, with Lightning's own environment variables (MASTER_ADDR, MASTER_PORT, NODE_RANK, LOCAL_RANK).
+    Rank r trains on batches r, r + 2, ... and DDP averages the two gradients; one process accumulating
+    2 batches per step averages the same two. With dropout off (each process draws its own masks) the
+    two runs end at the same loss."""
+    common = ["experiment=smoke", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.max_steps=10",
+              "trainer.val_check_interval=1000", "model.dropout=0", "keep_last=0", "trainer.enable_progress_bar=false",
+              f"data_dir={data_dir}"]
+    run_py("train", *common, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}/prepare")  # the data cache, once
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0"}
+    nodes = [subprocess.Popen([sys.executable, "run.py", "train", *common, "trainer=ddp", "trainer.devices=1",
+                               "trainer.num_nodes=2", f"hydra.run.dir={tmp_path}/nodes"], cwd=ROOT,  # one shared dir
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:] + outputs[0][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    single = run_py("train", *common, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path}/single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    two_nodes, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("nodes", "single"))
+    assert two_nodes["global_step"] == one["global_step"] == 10
+    assert abs(two_nodes["test/loss"] - one["test/loss"]) < 1e-4, (two_nodes["test/loss"], one["test/loss"])
+    assert sum("[seq2seq.train][INFO] - results: {" in output for output in outputs) == 1  # rank 0 alone reports
+    half = run_py("train", *common, f"hydra.run.dir={tmp_path}/half")  # one batch a step: not the same training
+    assert half.returncode == 0, half.stderr[-3000:]
+    assert abs(json.loads((tmp_path / "half" / "results.json").read_text())["test/loss"] - one["test/loss"]) > 1e-3
 
 
 @pytest.mark.slow
