@@ -66,7 +66,7 @@ class DataConfig:
         """The DataConfig a checkpoint carries, from whichever version wrote it: a key it lacks was not in
         use then (dedup: off), a key this version does not know is ignored."""
         known = {f.name for f in fields(cls)}
-        defaults = {"dedup": False, "segmentation": "corpus", "tokenizer_sample": 500_000}
+        defaults = {"dedup": False, "segmentation": "corpus", "tokenizer_sample": 2 ** 62}  # as it was: all pairs
         return cls(**{**defaults, **{k: v for k, v in values.items() if k in known}})
 
     def __post_init__(self):
