@@ -43,8 +43,12 @@ def precisions(args) -> list[str]:
     return ["32", "int8"] + (["bf16"] if this_machine().cpu_native_bf16 or args.all_precisions else [])
 
 
-def test_lines(data_url: str) -> list[str]:
-    return Path(data_url, "test.en").read_text(encoding="utf-8").splitlines()
+def test_lines(data_url: str, ckpt: str) -> list[str]:
+    """The test split's source side, in the checkpoint's source language."""
+    from seq2seq.checkpoint import load_checkpoint
+
+    src_lang = load_checkpoint(ckpt)["seq2seq"]["data"]["src_lang"]
+    return Path(data_url, f"test.{src_lang}").read_text(encoding="utf-8").splitlines()
 
 
 def run_ours(args, lines) -> list[dict]:
@@ -168,7 +172,7 @@ def main():
     parser.add_argument("--all-precisions", action="store_true", help="bf16 even where it is emulated")
     parser.add_argument("--child", choices=["seq2seq", "marian", "ctranslate2"])
     args = parser.parse_args()
-    lines = test_lines(args.data_url)[:args.limit]
+    lines = test_lines(args.data_url, args.ckpt)[:args.limit]
     if args.child:
         rows = {"seq2seq": run_ours, "marian": run_marian, "ctranslate2": run_ctranslate2}[args.child](args, lines)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
