@@ -160,9 +160,22 @@ class TranslationDataModule(L.LightningDataModule):
     def prepare(self, files: dict[str, tuple[Path, Path]], path: Path) -> None:
         """Build the cache directory `path`: written under a temporary name, then renamed into place, so
         that it exists only when complete (another process that got there first wins)."""
-        cfg = self.cfg
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            self.prepare_into(files, tmp)
+        except BaseException:  # a bad line, a full disk, Ctrl-C: no half-built directory is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            tmp.rename(path)
+        except OSError:  # prepared by another process meanwhile: use theirs
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def prepare_into(self, files: dict[str, tuple[Path, Path]], tmp: Path) -> None:
+        cfg = self.cfg
         held_src, held_tgt = (set(self.texts["valid"][i] + self.texts["test"][i]) for i in (0, 1))
         keep, sample = scan_train(iter_pairs(*files["train"], cfg), cfg, held_src, held_tgt)
         tokenizer = train_tokenizer(sample, cfg.vocab_size, self.cache_dir)
@@ -173,12 +186,6 @@ class TranslationDataModule(L.LightningDataModule):
                 binarize(lines, tokenizer, cfg.max_len, tmp / f"{split}.{side}")
         with atomic_write(tmp / "spm.model", "wb") as f:
             f.write(tokenizer.model_proto)
-        try:
-            tmp.rename(path)
-        except OSError:  # prepared by another process meanwhile: use theirs
-            if not path.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def dataloader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]

@@ -119,3 +119,21 @@ def test_data_position_survives_a_restart(tiny_cfg):
     resumed.load_state_dict(state)
     assert [batch["ids"].tolist() for batch in resumed] == expected[7:]
     assert [batch["ids"].tolist() for batch in resumed] == expected  # the next epoch starts from the top
+
+
+def test_a_bad_training_line_stops_the_preparation_and_leaves_no_half_built_cache(tmp_path):
+    from seq2seq.corpora import DataConfig
+    from seq2seq.datamodule import TranslationDataModule
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.en").write_text("a cat .\nthe dog .\n")
+        (tmp_path / f"{split}.ja").write_text("猫 。\n犬 。\n")
+    (tmp_path / "train.ja").write_bytes("猫 。\n".encode() + b"\xff\n")
+    files = {f"{split}_{side}": str(tmp_path / f"{split}.{lang}") for split in ("train", "valid", "test")
+             for side, lang in (("src", "en"), ("tgt", "ja"))}
+    cfg = DataConfig(corpus="files", dir=str(tmp_path), src_lang="en", tgt_lang="ja", pretokenized=True,
+                     normalize=False, vocab_size=100, max_len=64, max_tokens=1024, num_workers=0, dedup=True,
+                     segmentation="corpus", tokenizer_sample=1000, **files)
+    with pytest.raises(Seq2SeqError, match=r"train\.ja:2: invalid UTF-8"):
+        TranslationDataModule(cfg, tmp_path / "cache", seed=0).setup()
+    assert not list((tmp_path / "cache").glob("files-*"))
