@@ -150,6 +150,8 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     def batches(self) -> list[np.ndarray]:
         order = self.sampler.order()
+        if not len(order):
+            return []  # (np.split would give one empty batch)
         batches = np.split(order, batch_starts(self.sampler.sizes[order], self.max_tokens)[1:])
         if self.sampler.shuffle:
             self.sampler.rng().shuffle(batches)

@@ -169,6 +169,7 @@ def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limit
     for i, text in enumerate(texts):
         if len(text) > limits.char_limit:
             raise BadRequest(400, f"q[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
+        check_unicode(f"q[{i}]", text)
     if request.alternatives + 1 > max(search.beam_size, 10):
         raise BadRequest(400, f"alternatives={request.alternatives}: at most {max(search.beam_size, 10) - 1}")
     return [" ".join(text.splitlines()) for text in texts], check_prefix(request, len(texts), limits, search)
@@ -185,9 +186,18 @@ def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits, search:
     for i, text in enumerate(prefixes):
         if len(text) > limits.char_limit:
             raise BadRequest(400, f"prefix[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
+        check_unicode(f"prefix[{i}]", text)
     if search.sample and any(prefixes):
         raise BadRequest(400, "prefix: this service samples (sample=true); a prefix needs beam search")
     return [" ".join(text.splitlines()) for text in prefixes]
+
+
+def check_unicode(field: str, text: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is no character: a 400, not a failed search."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(400, f"{field}: not valid Unicode (a lone surrogate at character {e.start})") from None
 
 
 def add_error_handlers(app: FastAPI, limits: ServeLimits) -> None:

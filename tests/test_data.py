@@ -137,3 +137,7 @@ def test_a_bad_training_line_stops_the_preparation_and_leaves_no_half_built_cach
     with pytest.raises(Seq2SeqError, match=r"train\.ja:2: invalid UTF-8"):
         TranslationDataModule(cfg, tmp_path / "cache", seed=0).setup()
     assert not list((tmp_path / "cache").glob("files-*"))
+
+
+def test_no_lines_give_no_batches():
+    assert list(sampler(np.array([], dtype=np.int64))) == [] and len(sampler(np.array([], dtype=np.int64))) == 0

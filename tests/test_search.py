@@ -232,3 +232,14 @@ def test_a_forced_prefix_starts_every_hypothesis_and_its_own_best_prefix_changes
         forced = beam_search(tiny_model, src, mask, search, prefix=chosen)
     assert all(hyp[:3] == [7, 8, 9] for hyp, _ in forced[0]) and all(hyp[:1] == [10] for hyp, _ in forced[1])
     assert forced[2] == free[2]  # no prefix: as before
+
+
+def test_a_translator_given_only_empty_lines_returns_empty_lines(tiny_model, tokenizer):
+    """No line to search: no batch at all (a chunk of blank lines in `translate` or the service)."""
+    from seq2seq.checkpoint import TextInfo
+    from seq2seq.translator import Translator
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    assert translator.translate(["", "  "], precision="32") == ["", ""]
+    assert translator.translate(["", "\x00\x01\x1f"], precision="32")[0] == ""  # control characters: no crash

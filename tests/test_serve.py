@@ -117,6 +117,16 @@ def test_bad_requests_are_4xx_with_a_json_error_naming_the_field(body, status, e
     assert answer.status_code == status and error in answer.json()["error"]
 
 
+def test_a_lone_surrogate_escaped_in_json_is_a_400_not_a_failed_search():
+    with client()[0] as http:
+        for body, error in ((b'{"q": ["ok", "\\ud800"], "source": "en", "target": "ja"}',
+                             "q[1]: not valid Unicode (a lone surrogate at character 0)"),
+                            (b'{"q": "a", "source": "en", "target": "ja", "prefix": "x\\udfff"}',
+                             "prefix[0]: not valid Unicode (a lone surrogate at character 1)")):
+            answer = http.post("/translate", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400 and answer.json()["error"] == error
+
+
 def test_malformed_json_and_a_large_body_are_4xx():
     with client(body_limit=100)[0] as http:
         answer = http.post("/translate", content=b'{"q": "hi", ', headers={"content-type": "application/json"})
