@@ -145,14 +145,15 @@ class TranslationDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         cfg, files = self.cfg, corpus_files(self.cfg)
-        for split in ("valid", "test"):
-            pairs = [(clean_line(s, cfg.normalize), clean_line(t, cfg.normalize)) for s, t in iter_pairs(*files[split], cfg)]
+        for split in ("valid", "test"):  # in memory: the BLEU references and the held-out sentences
+            pairs = [(clean_line(s, cfg.normalize), clean_line(t, cfg.normalize))
+                     for s, t in iter_pairs(*files[split], cfg)]
             self.texts[split] = ([s for s, _ in pairs], [t for _, t in pairs])
         path = self.cache_dir / f"{cfg.corpus}-{cache_key(cfg, files)}"
         if not path.is_dir():
             self.prepare(files, path)
         self.tokenizer = Tokenizer((path / "spm.model").read_bytes())
-        self.datasets = {split: ParallelDataset(TokenArray.load(path / f"{split}.src"), TokenArray.load(path / f"{split}.tgt"))
+        self.datasets = {split: ParallelDataset(*(TokenArray.load(path / f"{split}.{side}") for side in ("src", "tgt")))
                          for split in SPLITS}
         log.info("corpus %s %s->%s: %s pairs; vocab %d (%s)", cfg.corpus, cfg.src_lang, cfg.tgt_lang,
                  ", ".join(f"{s} {len(self.datasets[s])}" for s in SPLITS), self.tokenizer.vocab_size, path)

@@ -191,7 +191,8 @@ def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits, search:
         return None
     if isinstance(request.prefix, str) != isinstance(request.q, str) or \
             (isinstance(request.prefix, list) and len(request.prefix) != n):
-        raise BadRequest(400, f"prefix: give one per text, shaped like q ({'a text' if isinstance(request.q, str) else f'a list of {n}'})")
+        shape = "a text" if isinstance(request.q, str) else f"a list of {n}"
+        raise BadRequest(400, f"prefix: give one per text, shaped like q ({shape})")
     prefixes = [request.prefix] if isinstance(request.prefix, str) else request.prefix
     for i, text in enumerate(prefixes):
         if len(text) > limits.char_limit:
