@@ -135,7 +135,8 @@ class TokenBatchSampler(Sampler[list[int]]):
     """Cuts the length-sorted order into batches of at most `max_tokens` padded tokens.
 
     Sorting first means each batch holds similar lengths (little padding); with shuffling on, the
-    batch order is shuffled too. Under torch.distributed each rank takes every world_size-th batch.
+    batch order is shuffled too. Under torch.distributed each rank takes every world_size-th batch: in
+    training the same number on every rank (the last few dropped), in validation every batch once.
     Batches are numpy index arrays (8 bytes a pair), and their number is counted once: it is the same
     every epoch, as the sizes are.
     """
@@ -155,17 +156,19 @@ class TokenBatchSampler(Sampler[list[int]]):
         batches = np.split(order, batch_starts(self.sampler.sizes[order], self.max_tokens)[1:])
         if self.sampler.shuffle:
             self.sampler.rng().shuffle(batches)
-            if dist.is_available() and dist.is_initialized():
-                world, rank = dist.get_world_size(), dist.get_rank()
-                batches = batches[rank:len(batches) // world * world:world]
+        if dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+            end = len(batches) // world * world if self.sampler.shuffle else len(batches)
+            batches = batches[rank:end:world]
         return batches
 
     def __iter__(self):
         return (batch.tolist() for batch in self.batches()[self.start:])
 
     def __len__(self) -> int:
-        if self.sampler.shuffle and dist.is_available() and dist.is_initialized():
-            return self.n_batches // dist.get_world_size()
+        if dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+            return self.n_batches // world if self.sampler.shuffle else len(range(rank, self.n_batches, world))
         return self.n_batches
 
 

@@ -108,8 +108,18 @@ class TranslationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self.log_scores("test")
 
+    def gather_ranks(self) -> None:
+        """Under DDP each rank decoded its share of the dev/test batches: every rank gets all of them."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, (self.hyps, self.loss_sum, self.token_count))
+        self.hyps = [pair for hyps, _, _ in shares for pair in hyps]
+        self.loss_sum, self.token_count = sum(s[1] for s in shares), sum(s[2] for s in shares)
+
     def log_scores(self, stage: str) -> dict:
         """Loss, perplexity, BLEU and chrF over what this epoch decoded (all of it, or a sanity-check slice)."""
+        self.gather_ranks()
         self.hyps.sort()
         refs = self.references[SPLIT_OF_STAGE[stage]]
         hyps = [h for _, h in self.hyps]

@@ -153,7 +153,7 @@ def train_job(cfg: DictConfig) -> float:
     if not checkpoint.best_model_path:  # it ended before its first validation (max_steps or max_time inside an epoch)
         score_final_weights(trainer, module, datamodule, checkpoint, out)
     trainer.test(module, datamodule=datamodule, ckpt_path="best")
-    if not trainer.is_global_zero:  # under DDP every rank decodes the same dev/test sets; rank 0 reports
+    if not trainer.is_global_zero:  # under DDP each rank decoded its share of dev/test, gathered; rank 0 reports
         return float(checkpoint.best_model_score or float("nan"))
     return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
 

@@ -141,3 +141,26 @@ def test_a_bad_training_line_stops_the_preparation_and_leaves_no_half_built_cach
 
 def test_no_lines_give_no_batches():
     assert list(sampler(np.array([], dtype=np.int64))) == [] and len(sampler(np.array([], dtype=np.int64))) == 0
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_under_ddp_each_rank_takes_every_other_batch(monkeypatch, shuffle):
+    """Training: the same number of batches on each rank (the odd one out dropped). Validation: every
+    batch on exactly one rank, so the dev set is decoded once in all, not once per rank."""
+    import torch.distributed as dist
+
+    sizes = np.random.default_rng(0).integers(2, 30, size=401)
+    n = len(sampler(sizes, shuffle=shuffle).batches())
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        s = sampler(sizes, shuffle=shuffle)
+        shares.append(list(s))
+        assert len(s) == len(shares[-1])
+    seen = [i for share in shares for batch in share for i in batch]
+    if shuffle:
+        assert len(shares[0]) == len(shares[1]) == n // 2 and len(seen) == len(set(seen)) <= 401
+    else:
+        assert sorted(seen) == list(range(401)) and len(shares[0]) + len(shares[1]) == n

@@ -179,6 +179,9 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
     output = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert json.loads((out / "results.json").read_text())["global_step"] == 20
+    # each rank decoded half of the test batches; gathered, every sentence has its translation, in order
+    n_test = len((data_dir / "demo" / "test.en").read_text().splitlines())
+    assert len((out / "test.hyp.ja").read_text().splitlines()) == n_test
     assert output.count("[seq2seq.train][INFO] - results: {") == 1  # rank 0 alone reports
 
 
