@@ -9,26 +9,18 @@ for Hugging Face (model.pre_norm=false); a pre-norm one checks CTranslate2 only.
     python bench/export_check.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja
 """
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from seq2seq.export import export_ctranslate2, export_huggingface
 from seq2seq.hardware import machine_report, this_machine
 
 
 def up_to_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
     return [row[:row.index(eos)] if eos in row else row for row in rows]
-
-
-def export(ckpt: str, fmt: str, out: Path) -> None:
-    proc = subprocess.run([sys.executable, "run.py", "export", f"ckpt={ckpt}", f"format={fmt}", f"output={out}"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode:
-        raise SystemExit(f"export format={fmt} failed: {proc.stderr.strip().splitlines()[-1]}")
 
 
 def timed(fn):
@@ -79,7 +71,7 @@ def main():
         if not cfg.pre_norm:
             from transformers import MarianMTModel, MarianTokenizer
 
-            export(args.ckpt, "huggingface", Path(tmp, "hf"))
+            export_huggingface(args.ckpt, str(Path(tmp, "hf")))
             hf_tok, hf = MarianTokenizer.from_pretrained(Path(tmp, "hf")), MarianMTModel.from_pretrained(Path(tmp, "hf"))
             assert hf_tok(lines[:50])["input_ids"] == [seq + [tok.eos_id] for seq in ids[:50]], "MarianTokenizer ids differ"
 
@@ -99,7 +91,7 @@ def main():
             print(f"{'HF MarianMTModel.generate':<28} {same:>5}/{len(lines):<4} {seconds:>8.2f} {seconds / our_s:>12.2f}")
         import ctranslate2
 
-        export(args.ckpt, "ctranslate2", Path(tmp, "ct2"))
+        export_ctranslate2(args.ckpt, str(Path(tmp, "ct2")))
         ct2 = ctranslate2.Translator(str(Path(tmp, "ct2")), device="cpu", compute_type="float32",
                                      intra_threads=torch.get_num_threads())
         pieces = [tok.pieces(seq) + ["</s>"] for seq in ids]
