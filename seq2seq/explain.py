@@ -163,3 +163,43 @@ def top_predictions(model: Transformer, tokenizer: Tokenizer, src_ids: list[int]
     probs, ids = model(src, tgt_in)[0].float().softmax(-1).topk(k)
     return [[(tokenizer.pieces([i])[0], p) for i, p in zip(row_ids, row_probs)]
             for row_ids, row_probs in zip(ids.tolist(), probs.tolist())]
+
+
+PROFILE = ("peak", "self", "previous", "marker", "entropy")
+
+
+@torch.no_grad()
+def attention_profiles(model: Transformer, src_ids: list[int], tgt_ids: list[int]) -> dict[str, dict[str, float]]:
+    """What each head attends to on one pair, from one forward pass: {"cross L2 H0": {...}}.
+
+    Averaged over the head's queries: `peak`, the weight on its strongest key (1 = one key only);
+    `self`, on the query's own position, and `previous`, on the one before it (self-attention only);
+    `marker`, on the sentence marker (<s> for decoder keys, </s> for source keys); `entropy` of the
+    weights in nats (0 = one key; log S = uniform)."""
+    model.eval()
+    src, tgt_in = pair(model, src_ids, tgt_ids)
+    modules = {(kind, i): attention_module(model, kind, i) for kind in KINDS
+               for i in range(len(model.encoder_layers if kind == "encoder" else model.decoder_layers))}
+    for m in modules.values():
+        m.record = {}
+    try:
+        model(src, tgt_in)
+        weights = {key: m.record["weights"][0].float().cpu() for key, m in modules.items()}  # (H, T, S) each
+    finally:
+        for m in modules.values():
+            m.record = None
+    profiles = {}
+    for (kind, layer), w in weights.items():
+        T = w.shape[1]
+        diagonal = w.diagonal(dim1=1, dim2=2) if kind != "cross" else None  # (H, T)
+        previous = w.diagonal(offset=-1, dim1=1, dim2=2) if kind != "cross" and T > 1 else None
+        marker = w[:, :, 0] if kind == "decoder" else w[:, :, -1]
+        entropy = -(w * w.clamp_min(1e-12).log()).sum(-1)
+        for head in range(w.shape[0]):
+            profiles[f"{kind} L{layer} H{head}"] = {
+                "peak": float(w[head].max(-1).values.mean()),
+                "self": float(diagonal[head].mean()) if diagonal is not None else float("nan"),
+                "previous": float(previous[head].mean()) if previous is not None else float("nan"),
+                "marker": float(marker[head].mean()),
+                "entropy": float(entropy[head].mean())}
+    return profiles

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from seq2seq.explain import KINDS, attention_module, attention_steps, head_importance, switched_off, top_predictions
+from seq2seq.explain import (KINDS, attention_module, attention_profiles, attention_steps, head_importance, switched_off,
+                             top_predictions)
 
 SRC, TGT = [5, 9, 12, 7, 30], [8, 11, 6, 40]
 
@@ -92,6 +93,20 @@ def test_head_importance_has_a_row_per_head_and_per_kind(model, tokenizer):
     assert labels[-1] == "all cross" and drops[labels.index("all cross")].abs().sum() > 0
     predictions = top_predictions(model, tokenizer, SRC, TGT, k=3)
     assert len(predictions) == len(TGT) + 1 and all(p[0][1] >= p[1][1] >= p[2][1] for p in predictions)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_head_profiles_are_read_from_the_same_weights_as_the_steps(model, tokenizer, kind):
+    profile = attention_profiles(model, SRC, TGT)[f"{kind} L0 H1"]
+    w = attention_steps(model, tokenizer, SRC, TGT, layer=0, head=1, kind=kind).weights  # (T, S)
+    assert profile["peak"] == pytest.approx(float(w.max(-1).values.mean()), abs=1e-6)
+    assert profile["marker"] == pytest.approx(float(w[:, 0 if kind == "decoder" else -1].mean()), abs=1e-6)
+    assert 0 <= profile["entropy"] <= math.log(w.shape[1]) + 1e-5
+    if kind == "cross":
+        assert math.isnan(profile["self"]) and math.isnan(profile["previous"])
+    else:
+        assert profile["self"] == pytest.approx(float(w.diagonal().mean()), abs=1e-6)
+        assert profile["previous"] == pytest.approx(float(w.diagonal(-1).mean()), abs=1e-6)
 
 
 def test_a_layer_or_head_that_does_not_exist_is_named(model, tokenizer):
