@@ -136,13 +136,15 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     Sorting first means each batch holds similar lengths (little padding); with shuffling on, the
     batch order is shuffled too. Under torch.distributed each rank takes every world_size-th batch: in
-    training the same number on every rank (the last few dropped), in validation every batch once.
+    training the same number on every rank (the last few dropped), in validation every batch once;
+    `ranks=False` keeps every batch on every rank (a Translator decodes all the lines it is given).
     Batches are numpy index arrays (8 bytes a pair), and their number is counted once: it is the same
     every epoch, as the sizes are.
     """
 
-    def __init__(self, sampler: LengthOrderSampler, max_tokens: int):
+    def __init__(self, sampler: LengthOrderSampler, max_tokens: int, ranks: bool = True):
         self.sampler, self.max_tokens = sampler, max_tokens  # Lightning calls sampler.set_epoch
+        self.ranks = ranks and dist.is_available()  # deal the batches to the ranks of torch.distributed
         self.start = 0  # batches of this epoch to skip (a resumed run; see ResumableDataLoader)
         if len(sampler.sizes) and sampler.sizes.max() > max_tokens:
             raise Seq2SeqError(f"data.max_tokens={max_tokens} is smaller than one sentence "
@@ -156,7 +158,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         batches = np.split(order, batch_starts(self.sampler.sizes[order], self.max_tokens)[1:])
         if self.sampler.shuffle:
             self.sampler.rng().shuffle(batches)
-        if dist.is_available() and dist.is_initialized():
+        if self.ranks and dist.is_initialized():
             world, rank = dist.get_world_size(), dist.get_rank()
             end = len(batches) // world * world if self.sampler.shuffle else len(batches)
             batches = batches[rank:end:world]
@@ -166,7 +168,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         return (batch.tolist() for batch in self.batches()[self.start:])
 
     def __len__(self) -> int:
-        if dist.is_available() and dist.is_initialized():
+        if self.ranks and dist.is_initialized():
             world, rank = dist.get_world_size(), dist.get_rank()
             return self.n_batches // world if self.sampler.shuffle else len(range(rank, self.n_batches, world))
         return self.n_batches

@@ -146,7 +146,7 @@ class Translator:
         out: list = [[("", 0.0)] for _ in lines]
         todo = [i for i, s in enumerate(ids) if s]
         batches = TokenBatchSampler(LengthOrderSampler(sizes[todo], shuffle=False, seed=0),
-                                    max(search.max_tokens, int(sizes.max(initial=1))))
+                                    max(search.max_tokens, int(sizes.max(initial=1))), ranks=False)
         bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, unit="line")
         with self.decoding(search) as model:
             for batch in batches:

@@ -164,3 +164,5 @@ def test_under_ddp_each_rank_takes_every_other_batch(monkeypatch, shuffle):
         assert len(shares[0]) == len(shares[1]) == n // 2 and len(seen) == len(set(seen)) <= 401
     else:
         assert sorted(seen) == list(range(401)) and len(shares[0]) + len(shares[1]) == n
+    whole = TokenBatchSampler(LengthOrderSampler(sizes, shuffle, 0), 64, ranks=False)  # what a Translator uses
+    assert len(whole) == n and sorted(i for batch in whole for i in batch) == list(range(401))
