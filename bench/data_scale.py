@@ -8,10 +8,15 @@ each size it runs, each in a fresh process (`data=files`, the project's own data
      process's peak RSS;
   2. a second run over the same files: time from process start until the first training batch is ready,
      and the time one more epoch's batches take to deal.
+With --prepare-workers 1 2 ... step 1 runs once per number of preparation processes (data.prepare_workers),
+side by side; the peak memory is then also summed over the run's process tree (sampled every 0.1 s), and
+the arrays of every run must be byte-identical.
 
-    python bench/data_scale.py --data-url PATH/small_parallel_enja --sizes 250000 1000000 4000000 --work /tmp/scale
+    python bench/data_scale.py --data-url PATH/small_parallel_enja --sizes 250000 1000000 4000000 --work /tmp/scale \
+        [--prepare-workers 1 2]
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -42,7 +47,7 @@ def make_corpus(source: Path, n_pairs: int, out: Path) -> None:
     (out / "done").touch()
 
 
-def child(corpus: Path, cache: Path) -> None:
+def child(corpus: Path, cache: Path, workers: int) -> None:
     """One run's data side: setup (prepare or open the cache), then the first training batch."""
     from hydra import compose, initialize_config_dir
 
@@ -51,7 +56,8 @@ def child(corpus: Path, cache: Path) -> None:
 
     files = {f"{split}_{side}": str(corpus / f"{name}.{lang}") for split, name in (("train", "train"),
              ("valid", "dev"), ("test", "test")) for side, lang in (("src", "en"), ("tgt", "ja"))}
-    overrides = ["data=files", "data.pretokenized=true", "data.normalize=false", f"data_dir={cache}", "output_dir=."]
+    overrides = ["data=files", "data.pretokenized=true", "data.normalize=false", f"data_dir={cache}", "output_dir=.",
+                 f"data.prepare_workers={workers}"]
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides + [f"data.{k}={v}" for k, v in files.items()])
     imported = time.perf_counter()
@@ -66,15 +72,41 @@ def child(corpus: Path, cache: Path) -> None:
                       "epoch_batches_s": time.perf_counter() - first_batch, "train_pairs": len(datamodule.datasets["train"])}))
 
 
-def run_child(corpus: Path, cache: Path) -> dict:
-    """The child's report plus its peak RSS (from the kernel's accounting of that one process)."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(corpus), str(cache)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+def run_child(corpus: Path, cache: Path, workers: int = 0) -> dict:
+    """The child's report plus its peak RSS (from the kernel's accounting of that one process) and the peak
+    of the RSS summed over it and its preparation processes (psutil, sampled every 0.1 s)."""
+    import threading
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(corpus), str(cache), str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    tree_peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            try:
+                parent = psutil.Process(proc.pid)
+                tree_peak[0] = max(tree_peak[0], sum(p.memory_info().rss for p in [parent, *parent.children(True)]))
+            except psutil.Error:
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     if status:
         raise SystemExit(f"preparing {corpus} failed (status {status})")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024,
+            "tree_rss_mb": tree_peak[0] / 2 ** 20}
+
+
+def arrays_digest(cache: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((cache / "cache").glob("*/*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def main():
@@ -82,23 +114,31 @@ def main():
     parser.add_argument("--data-url", help="small_parallel_enja's directory (train/dev/test .en/.ja)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[250_000, 1_000_000, 4_000_000])
     parser.add_argument("--work", default="/tmp/seq2seq-scale", help="where corpora and caches go")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-workers", type=int, nargs="+", default=[0],
+                        help="data.prepare_workers values to compare (0: one per core)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(Path(args.child[0]), Path(args.child[1]))
+        return child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
     from seq2seq.hardware import machine_report, this_machine
 
     print(machine_report(this_machine()), flush=True)
-    print(f"{'pairs':>9} {'kept':>9} {'prepare s':>9} {'s/M pairs':>9} {'peak RSS MB':>11} "
-          f"{'2nd run: 1st batch s':>20} {'2nd run RSS MB':>14} {'epoch batching s':>16}", flush=True)
+    print(f"{'pairs':>9} {'workers':>7} {'kept':>9} {'prepare s':>9} {'s/M pairs':>9} {'vs first':>8} "
+          f"{'peak RSS MB':>11} {'all procs MB':>12} {'2nd run: 1st batch s':>20} {'2nd run RSS MB':>14} "
+          f"{'epoch batching s':>16} {'arrays':>12}", flush=True)
     for n in args.sizes:
-        corpus, cache = Path(args.work) / f"corpus-{n}", Path(args.work) / f"cache-{n}"
+        corpus = Path(args.work) / f"corpus-{n}"
         make_corpus(Path(args.data_url), n, corpus)
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        first, second = run_child(corpus, cache), run_child(corpus, cache)
-        print(f"{n:>9} {first['train_pairs']:>9} {first['setup_s']:>9.1f} {first['setup_s'] / n * 1e6:>9.1f} "
-              f"{first['peak_rss_mb']:>11.0f} {second['first_batch_s']:>20.1f} {second['peak_rss_mb']:>14.0f} "
-              f"{second.get('epoch_batches_s', float('nan')):>16.2f}", flush=True)
+        base = None
+        for workers in args.prepare_workers:
+            cache = Path(args.work) / f"cache-{n}"
+            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            first, second = run_child(corpus, cache, workers), run_child(corpus, cache, workers)
+            base = base or first["setup_s"]
+            print(f"{n:>9} {workers:>7} {first['train_pairs']:>9} {first['setup_s']:>9.1f} "
+                  f"{first['setup_s'] / n * 1e6:>9.1f} {base / first['setup_s']:>7.2f}x {first['peak_rss_mb']:>11.0f} "
+                  f"{first['tree_rss_mb']:>12.0f} {second['first_batch_s']:>20.1f} {second['peak_rss_mb']:>14.0f} "
+                  f"{second.get('epoch_batches_s', float('nan')):>16.2f} {arrays_digest(cache):>12}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, fields
+from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class DataConfig:
     max_len: int  # training pairs with a side longer than this many tokens are dropped
     max_tokens: int  # token budget of one batch (padded, longer side)
     num_workers: int  # DataLoader worker processes
+    prepare_workers: int  # processes that segment, clean and encode the training split; 0: one per core
     dedup: bool  # drop duplicate training pairs and those sharing a side with dev/test
     segmentation: str  # pre-tokenized Japanese: as the corpus has it ("corpus") or re-segmented by "mecab"
     tokenizer_sample: int  # SentencePiece learns from at most this many training pairs (a uniform sample)
@@ -66,13 +68,16 @@ class DataConfig:
         """The DataConfig a checkpoint carries, from whichever version wrote it: a key it lacks was not in
         use then (dedup: off), a key this version does not know is ignored."""
         known = {f.name for f in fields(cls)}
-        defaults = {"dedup": False, "segmentation": "corpus", "tokenizer_sample": 2 ** 62}  # as it was: all pairs
+        defaults = {"dedup": False, "segmentation": "corpus", "tokenizer_sample": 2 ** 62,  # as it was: all pairs
+                    "prepare_workers": 0}
         return cls(**{**defaults, **{k: v for k, v in values.items() if k in known}})
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "max_tokens", "tokenizer_sample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be at least 1")
+        if self.prepare_workers < 0:
+            raise ValueError(f"data.prepare_workers={self.prepare_workers} must be 0 (one per core) or more")
         if self.segmentation not in ("corpus", "mecab"):
             raise ValueError(f"data.segmentation={self.segmentation!r}: expected corpus or mecab")
         if self.segmentation == "mecab" and not self.pretokenized:
@@ -139,14 +144,27 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
 def iter_pairs(src_path: Path, tgt_path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """The (source line, target line) pairs of two aligned files, one at a time; with
     data.segmentation=mecab the Japanese side segmented again (`mecab_segmented`)."""
-    langs = (cfg.src_lang, cfg.tgt_lang)
-    side = langs.index("ja") if cfg.segmentation == "mecab" and "ja" in langs else None
+    segment = segmenter(cfg)
+    for pair in aligned_lines(src_path, tgt_path):
+        yield segment(pair)
+
+
+def aligned_lines(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
+    """The line pairs of two aligned files as they are; files of different lengths are an error."""
     for lineno, pair in enumerate(zip_longest(iter_lines(src_path), iter_lines(tgt_path)), 1):
         if None in pair:
             longer, shorter = (src_path, tgt_path) if pair[1] is None else (tgt_path, src_path)
             raise Seq2SeqError(f"{shorter} has {lineno - 1} lines but {longer} has more: "
                                "line N of one must translate line N of the other")
-        yield pair if side is None else mecab_segmented(pair, side)
+        yield pair
+
+
+def segmenter(cfg: DataConfig):
+    """What data.segmentation does to a raw pair: nothing, or MeCab on its Japanese side."""
+    langs = (cfg.src_lang, cfg.tgt_lang)
+    if cfg.segmentation == "mecab" and "ja" in langs:
+        return partial(mecab_segmented, side=langs.index("ja"))
+    return lambda pair: pair
 
 
 def mecab_segmented(pair: tuple[str, str], side: int) -> tuple[str, str]:

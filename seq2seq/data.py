@@ -54,9 +54,13 @@ class TokenArrayWriter:
         self.raw = open(path.with_name(f"{path.name}.tokens.raw"), "wb")
 
     def append(self, seqs: list[list[int]]) -> None:
-        for seq in seqs:
-            self.offsets.append(self.offsets[-1] + len(seq))
-        np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32).tofile(self.raw)
+        self.append_flat(np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32),
+                         np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)))
+
+    def append_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Sequences given as their tokens end to end and their lengths."""
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
+        tokens.astype(np.int32, copy=False).tofile(self.raw)
 
     def close(self) -> TokenArray:
         """Write the .npy files (a header, then the raw tokens copied over) and map them back."""

@@ -27,8 +27,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, lines: list[str]) -> list[list[int]]:
-        return self.sp.encode(lines)
+    def encode(self, lines: list[str], threads: int = -1) -> list[list[int]]:
+        """Ids of each line; a list is encoded on `threads` threads (-1: SentencePiece's choice, every core)."""
+        return self.sp.encode(lines, num_threads=threads)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Ids to text; stops at the first eos and drops pad/bos, so raw search output can go in."""

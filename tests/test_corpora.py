@@ -13,7 +13,7 @@ from tests.conftest import ROOT, write_small_enja_mirror
 
 def data_cfg(corpus, directory, **kw) -> DataConfig:
     base = dict(corpus=corpus, dir=str(directory), src_lang="en", tgt_lang="ja", pretokenized=False,
-                normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0,
+                normalize=True, vocab_size=300, max_len=64, max_tokens=1024, num_workers=0, prepare_workers=1,
                 dedup=True, segmentation="corpus", tokenizer_sample=500_000)
     return DataConfig(**{**base, **kw})
 
@@ -185,6 +185,30 @@ def test_no_dev_or_test_sentence_is_trained_on(tmp_path):
         scan_train(iter([("c", "9")]), cfg, held_src={"c"}, held_tgt=set())
 
 
+def test_the_arrays_are_the_same_on_any_number_of_preparation_processes(tmp_path):
+    """data.prepare_workers: chunks prepared on 2 processes give the same keep mask, sample and token files,
+    byte for byte, as one process (small chunks, so that there are many; duplicates across chunks)."""
+    from seq2seq.datamodule import encode_train, scan_train
+    from seq2seq.demo_corpus import generate_pairs
+    from seq2seq.tokenizer import train_tokenizer
+
+    pairs = generate_pairs(300, seed=1)
+    pairs = pairs + pairs[:40] + [("  ", "x"), (pairs[5][0], "different")]  # duplicates, an empty side
+    held = {pairs[7][0]}
+    out = {}
+    for workers in (1, 2):
+        cfg = data_cfg("demo", tmp_path, prepare_workers=workers, tokenizer_sample=100, max_len=12)
+        keep, sample = scan_train(iter(pairs), cfg, held_src=held, held_tgt=set(), chunk_pairs=17)
+        tokenizer = train_tokenizer(sample, 500, tmp_path / "spm")
+        (tmp_path / f"w{workers}").mkdir()
+        dataset = encode_train(iter(pairs), keep, cfg, tokenizer, tmp_path / f"w{workers}", chunk_pairs=17)
+        files = sorted((tmp_path / f"w{workers}").iterdir())
+        out[workers] = keep.tolist(), sample, [(f.name, f.read_bytes()) for f in files], len(dataset)
+    assert out[1] == out[2]
+    keep, _, files, n = out[1]
+    assert sum(keep) == 300 and len(files) == 4 and 0 < n < 300  # held out 1, a new pair 1; max_len=12 drops some
+
+
 def test_the_tokenizer_sample_is_bounded_and_uniform(tmp_path):
     from seq2seq.datamodule import scan_train
 
@@ -219,6 +243,13 @@ def test_mecab_segmentation_resegments_the_japanese_side_of_every_split(tmp_path
     for split in ("train", "valid", "test"):
         assert corpus[split][0] == ["誰 が 一番 に 着く か 。", "トム は お茶 が 好き だ 。"]
         assert corpus[split][1] == ["who will arrive first ?", "tom likes tea ."]  # English untouched
+    from seq2seq.corpora import aligned_lines
+    from seq2seq.datamodule import scan_train
+
+    # training reads the raw lines and segments them in its preparation processes (here 2, a pair each)
+    _, sample = scan_train(aligned_lines(tmp_path / "train.ja", tmp_path / "train.en"),
+                           replace(cfg, segmentation="mecab", prepare_workers=2), set(), set(), chunk_pairs=1)
+    assert sample == corpus["train"][0] + corpus["train"][1]
     with pytest.raises(ValueError, match="data.segmentation=mecab re-segments a pre-tokenized corpus"):
         replace(cfg, pretokenized=False, segmentation="mecab")
     with pytest.raises(ValueError, match="data.segmentation='kytea': expected corpus or mecab"):
