@@ -20,6 +20,8 @@ def has_type(value, annotation) -> bool:
             return True
         if typing.get_origin(option) in (tuple, list) and isinstance(value, (list, tuple)):
             return True
+        if dict in (option, typing.get_origin(option)) and isinstance(value, dict):
+            return True
         if option in SCALAR_TYPES and isinstance(value, SCALAR_TYPES[option]) \
                 and (option is bool or not isinstance(value, bool)):
             return True

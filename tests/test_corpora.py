@@ -1,7 +1,7 @@
 """Corpus loading, cleaning and every bad-input error (one line naming the file, and line)."""
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -254,3 +254,33 @@ def test_mecab_segmentation_resegments_the_japanese_side_of_every_split(tmp_path
         replace(cfg, pretokenized=False, segmentation="mecab")
     with pytest.raises(ValueError, match="data.segmentation='kytea': expected corpus or mecab"):
         replace(cfg, segmentation="kytea")
+
+
+def test_combined_corpus_makes_pretokenized_parts_raw_and_trains_on_no_dev_or_test_sentence(tmp_path):
+    """data=combined: a raw part and a pre-tokenized, lowercased part become one raw corpus. The English of
+    the second is truecased from the first's ("tom" -> "Tom"), its Japanese words joined; a pair whose side
+    is a dev/test sentence of either part, written any way, is not trained on; dev/test are the first part's."""
+    from seq2seq.corpora import corpus_files
+
+    def part(name, lines, pretokenized):
+        for split, (en, ja) in lines.items():
+            (tmp_path / f"{name}.{split}.en").write_text("".join(s + "\n" for s in en), encoding="utf-8")
+            (tmp_path / f"{name}.{split}.ja").write_text("".join(s + "\n" for s in ja), encoding="utf-8")
+        return asdict(data_cfg("files", tmp_path, pretokenized=pretokenized, **{
+            f"{split}_{side}": str(tmp_path / f"{name}.{split}.{lang}") for split in ("train", "valid", "test")
+            for side, lang in (("src", "en"), ("tgt", "ja"))}))
+
+    raw = part("raw", {"train": (["Tom likes tea.", "Tom is here."], ["トムはお茶が好きだ。", "トムはここにいる。"]),
+                       "valid": (["I like tea."], ["私はお茶が好きです。"]), "test": (["Go."], ["行け。"])}, False)
+    tok = part("tok", {"train": (["tom likes coffee .", "i like tea !", "she runs ."],
+                                 ["トム は コーヒー が 好き だ 。", "お 茶 が 好き だ 。", "彼女 は 走る 。"]),
+                       "valid": (["he swims ."], ["彼 は 泳ぐ 。"]), "test": (["tom is here ."], ["x"])}, True)
+    cfg = data_cfg("combined", tmp_path / "combined", parts={"raw": raw, "tok": tok})
+    files = corpus_files(cfg)
+    read = lambda path: path.read_text(encoding="utf-8").splitlines()  # noqa: E731
+    assert read(files["train"][0]) == ["Tom likes tea.", "Tom likes coffee.", "She runs."]  # "Tom is here." is tok's test
+    assert read(files["train"][1]) == ["トムはお茶が好きだ。", "トムはコーヒーが好きだ。", "彼女は走る。"]
+    assert read(files["valid"][0]) == ["I like tea."] and read(files["test"][1]) == ["行け。"]
+    assert corpus_files(cfg) == files  # the second time: from the stamp, nothing rewritten
+    with pytest.raises(Seq2SeqError, match="data.parts is empty"):
+        corpus_files(data_cfg("combined", tmp_path / "c2", parts={}))
