@@ -11,9 +11,10 @@
      the service must still answer correctly afterwards.
 
 fp32 on both sides, so that an answer cannot depend on which requests share its batch (int8 scales
-activations per batch). Bounded: every request has a timeout, and the service is stopped at the end.
+activations per batch). `--batch-max-ms 5 50` loads two services side by side: 5 is the fixed 5 ms
+window of `batch_ms` alone (the batcher before a batch could follow a burst), 50 the default. Bounded: every request has a timeout, and the service is stopped at the end.
 
-    python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja
+    python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja [--batch-max-ms 5 50]
 """
 import argparse
 import http.client
@@ -82,9 +83,9 @@ def hostile_bodies(n: int, langs: tuple[str, str]) -> list[bytes]:
     return [makers[i % len(makers)]() for i in range(n)]
 
 
-def start_service(args, port: int) -> subprocess.Popen:
+def start_service(args, port: int, batch_max_ms: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "run.py", "serve", f"ckpt={args.ckpt}", f"port={port}",
-                             f"beam_size={args.beam_size}", "precision=32"], cwd=ROOT,
+                             f"beam_size={args.beam_size}", "precision=32", f"batch_max_ms={batch_max_ms}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -107,6 +108,9 @@ def main():
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--hostile", type=int, default=1000)
     parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--batch-max-ms", type=float, nargs="+", default=[50.0],
+                        help="services to load side by side (5: the fixed 5 ms window of batch_ms alone); the lone "
+                             "and hostile requests go to the last")
     args = parser.parse_args()
 
     from seq2seq.hardware import machine_report, this_machine
@@ -133,30 +137,36 @@ def main():
         translator.translate(line, search)
         direct.append(time.perf_counter() - t)
 
-    port = free_port()
-    service = start_service(args, port)
-    try:
-        for line in test[:8]:
-            ask(port, line, langs)  # warm-up
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = list(pool.map(lambda line: ask(port, line, langs), sentences))
-        load_s = time.perf_counter() - start
-        served = [ask(port, line, langs)[0] for line in lone]
-        statuses = [post(port, body, timeout=60)[0] for body in hostile_bodies(args.hostile, langs)]
-        after = [ask(port, line, langs) for line in test[:20]]
-    finally:
-        service.terminate()
-        service.wait(timeout=60)
+    loads = []
+    for batch_max_ms in args.batch_max_ms:
+        port = free_port()
+        service = start_service(args, port, batch_max_ms)
+        try:
+            for line in test[:8]:
+                ask(port, line, langs)  # warm-up
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = list(pool.map(lambda line: ask(port, line, langs), sentences))
+            loads.append((batch_max_ms, results, time.perf_counter() - start))
+            if batch_max_ms == args.batch_max_ms[-1]:
+                served = [ask(port, line, langs)[0] for line in lone]
+                statuses = [post(port, body, timeout=60)[0] for body in hostile_bodies(args.hostile, langs)]
+                after = [ask(port, line, langs) for line in test[:20]]
+        finally:
+            service.terminate()
+            service.wait(timeout=60)
 
-    latencies = sorted(r[0] for r in results)
-    wrong = sum(r[2] != expected[line] for r, line in zip(results, sentences))
-    errors = sum(r[1] != 200 for r in results)
-    print(f"\nservice: beam {args.beam_size}, fp32; {args.requests} one-sentence requests from {args.clients} clients")
-    print(f"errors {errors}, answers unlike the offline translation {wrong}")
-    print(f"latency p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {latencies[int(0.99 * len(latencies))] * 1000:.0f} ms")
-    print(f"throughput: service {args.requests / load_s:.1f} sentences/s, one batch job {args.requests / batch_s:.1f} "
-          f"sentences/s: {batch_s / load_s:.2f} of the batch job")
+    print(f"\nservice: beam {args.beam_size}, fp32; {args.requests} one-sentence requests from {args.clients} clients; "
+          f"one batch job: {args.requests / batch_s:.1f} sentences/s")
+    print("| batch_max_ms | errors | unlike offline | p50 ms | p99 ms | sentences/s | of the batch job |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch_max_ms, results, load_s in loads:
+        latencies = sorted(r[0] for r in results)
+        wrong = sum(r[2] != expected[line] for r, line in zip(results, sentences))
+        errors = sum(r[1] != 200 for r in results)
+        print(f"| {batch_max_ms:g} | {errors} | {wrong} | {statistics.median(latencies) * 1000:.0f} | "
+              f"{latencies[int(0.99 * len(latencies))] * 1000:.0f} | {args.requests / load_s:.1f} | "
+              f"{batch_s / load_s:.2f} |")
     print(f"a lone request: median {statistics.median(served) * 1000:.0f} ms over HTTP, "
           f"{statistics.median(direct) * 1000:.0f} ms as a direct Translator call: "
           f"{statistics.median(served) / statistics.median(direct):.2f}x")

@@ -11,8 +11,9 @@ finishes the requests it has before the process exits. Self-hosters already spea
 One field of our own: "prefix", shaped like "q" (a text, or a list with one per text, "" for none),
 forces the start of each translation, as `translate prefix=FILE` does.
 
-Concurrent requests are batched: the first waits up to `batch_ms` for others (or until `batch_lines`
-lines are waiting), then one beam search translates all their lines and each request gets its own.
+Concurrent requests are batched: a batch keeps taking requests while they keep coming (until none has
+come for `batch_ms`, `batch_max_ms` after its first, or `batch_lines` lines wait), then one beam search
+translates all their lines and each request gets its own.
 A bad request is a 4xx with {"error": "..."}; never a 500.
 """
 import asyncio
@@ -39,15 +40,17 @@ class ServeLimits:
     char_limit: int = 5000  # characters per text
     texts_limit: int = 128  # texts per request
     body_limit: int = 1_000_000  # bytes per request body
-    batch_ms: float = 5.0  # how long the first request of a batch waits for others
-    batch_lines: int = 256  # a batch starts at once when this many lines wait
+    batch_ms: float = 5.0  # a batch starts when no request has come for this long
+    batch_max_ms: float = 50.0  # ... or this long after its first request
+    batch_lines: int = 256  # ... or at once when this many lines wait
 
     def __post_init__(self):
         for name in ("char_limit", "texts_limit", "body_limit", "batch_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.batch_ms < 0:
-            raise ValueError(f"batch_ms={self.batch_ms} must not be negative")
+        for name in ("batch_ms", "batch_max_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
 
 
 class TranslateRequest(BaseModel):
@@ -94,11 +97,17 @@ class Batcher:
             await self.translate_batch(batch)
 
     async def gather_more(self, batch: list) -> None:
+        """Requests that come in a burst (clients answered by the last batch send their next ones within
+        milliseconds of each other, but not within one fixed window) go into one batch: a lone request
+        waits batch_ms, a burst is taken whole up to batch_max_ms."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.batch_ms / 1000
+        deadline = loop.time() + self.limits.batch_max_ms / 1000
         while sum(len(lines) for lines, _, _, _ in batch) < self.limits.batch_lines:
+            wait = min(self.limits.batch_ms / 1000, deadline - loop.time())
+            if wait <= 0:
+                return
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                batch.append(await asyncio.wait_for(self.queue.get(), wait))
             except asyncio.TimeoutError:
                 return
 

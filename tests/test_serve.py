@@ -57,7 +57,7 @@ def test_languages_health_and_openapi_docs():
 
 
 def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_answer():
-    http, translator = client(batch_ms=300.0)
+    http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     answers = {}
 
     def ask(text):
@@ -75,8 +75,35 @@ def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_a
         ["one", "one!", "two", "two!", "three", "three!"])
 
 
+@pytest.mark.parametrize("batch_max_ms, expected", [(2000.0, [6]), (120.0, [3, 3])])
+def test_a_burst_of_requests_is_one_batch_until_it_stops_or_the_batch_is_old(batch_max_ms, expected):
+    """Requests every 50 ms with batch_ms=150: each comes within the quiet gap of the last, so one batch takes
+    them all (a fixed 150 ms window from the first would have cut it), unless batch_max_ms cuts it first."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seq2seq.serve import Batcher
+
+    async def burst():
+        translator = Echo()
+        batcher = Batcher(translator.translate_nbest, SearchConfig(beam_size=1),
+                          ServeLimits(batch_ms=150.0, batch_max_ms=batch_max_ms), ThreadPoolExecutor(1))
+        runner = asyncio.create_task(batcher.run())
+        asks = []
+        for i in range(6):
+            asks.append(asyncio.create_task(batcher.translate([f"s{i}"], None, 1)))
+            await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*asks)
+        runner.cancel()
+        return answers, translator.batches
+
+    answers, batches = asyncio.run(burst())
+    assert [a[0][0][0] for a in answers] == [f"S{i}" for i in range(6)]
+    assert [len(b) for b in batches] == expected
+
+
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
-    http, translator = client(batch_ms=300.0)
+    http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     answers = {}
 
     def ask(name, body):
@@ -167,7 +194,7 @@ def test_the_same_answer_as_translate(smoke_run):
 def test_sigterm_answers_what_was_accepted_then_exits(smoke_run):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "run.py", "serve", f"ckpt={smoke_run}/checkpoints/best.ckpt",
-                             f"port={port}", "batch_ms=1500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             f"port={port}", "batch_ms=1500", "batch_max_ms=1500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # the event: the service answers /health
