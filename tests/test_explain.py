@@ -1,5 +1,6 @@
 """`seq2seq.explain`: each step of attention as the model computes it, and heads switched off and on."""
 import math
+import subprocess
 
 import pytest
 import torch
@@ -131,3 +132,39 @@ def test_cli_writes_one_self_contained_page(smoke_run, tmp_path):
     assert {"scores.png", "mask.png", "weights.png", "importance.png"} <= {p.name for p in (tmp_path / "ex").iterdir()}
     proc = run_py("explain", ckpt, "text=hello", "layer=7", f"output={tmp_path}/ex2")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: layer=7: this model's cross")
+
+
+@pytest.mark.slow
+def test_the_page_draws_its_grids_in_a_real_headless_browser(smoke_run, tmp_path):
+    """Chromium (Debian's package; .ci/run installs it) renders explain.html offline to a screenshot. The
+    heat maps' colours cover a good part of it, and the same page with its images taken out has none:
+    what is seen is the grids, drawn by the browser from the page alone."""
+    import re
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import run_py
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here: apt-get install chromium (.ci/run does)")
+    proc = run_py("explain", f"ckpt={smoke_run}/checkpoints/best.ckpt", "text=The big dog ate the red apple.",
+                  f"output={tmp_path}/ex", "kind=decoder")
+    assert proc.returncode == 0, proc.stderr
+    page = tmp_path / "ex" / "explain.html"
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r'<img src="data:image/png;base64,[^"]*"', "<img", page.read_text(encoding="utf-8")),
+                     encoding="utf-8")
+
+    def coloured_share(html_file) -> float:
+        shot = tmp_path / f"{html_file.stem}.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1200,2400", f"--screenshot={shot}", html_file.as_uri()],
+                       capture_output=True, timeout=120, check=True)
+        rgb = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        saturation = rgb.max(-1) - rgb.min(-1)  # grey, black and white text: ~0; the colour maps: large
+        return float((saturation > 40).mean())
+
+    assert coloured_share(page) > 0.02 and coloured_share(blank) < 0.001
