@@ -5,8 +5,9 @@ The training split is never held in memory: one pass over its files decides whic
 draws the tokenizer's sample, a second pass encodes the kept pairs chunk by chunk straight into the
 memory-mapped token arrays. In both passes the chunks are segmented, cleaned and encoded on
 data.prepare_workers processes (one per core by default), in order, so the arrays do not depend on how
-many. Memory grows with the corpus only by the offsets, one hash and one flag per pair. The arrays are cached under a key of the corpus files (path, size, modification time) and the
-data settings, so a second run over the same files opens them and starts training at once.
+many. Memory grows with the corpus only by the offsets, one hash and one flag per pair. The arrays are
+cached under a key of the corpus files (path, size, modification time) and the data settings, so a
+second run over the same files opens them and starts training at once.
 """
 import hashlib
 import itertools

@@ -86,7 +86,8 @@ def check_output(path: str, input_path: str = "-") -> None:
     target = Path(path)
     if input_path != "-" and target.exists() and target.resolve() == Path(input_path).resolve():
         raise Seq2SeqError(f"{path}: output= is the input file; choose another so the input stays untouched")
-    probe = temporary_path(target)  # the file atomic_write will create
+    # a file beside it, as atomic_write's will be; one per process (translate devices=N checks in each)
+    probe = target.with_name(f".{target.name}.{os.getpid()}.probe")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
