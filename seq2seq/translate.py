@@ -118,7 +118,10 @@ def translate_sharded(cfg: DictConfig, search: SearchConfig) -> None:
         raise Seq2SeqError(f"device={search.device} with devices={cfg.devices}: each process takes its own GPU; "
                            "give device=cuda (or auto)")
     device = resolve_device(search.device, this_machine())
-    fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy="ddp")
+    try:
+        fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy="ddp")
+    except Exception as e:  # Lightning's MisconfigurationException: more GPUs asked for than there are
+        raise Seq2SeqError(f"devices={cfg.devices}: {e}") from None
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     shard_dir = fabric.broadcast(tempfile.mkdtemp(prefix=".translate-shards-", dir=shard_parent(str(cfg.output)))
