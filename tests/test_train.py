@@ -235,7 +235,8 @@ def test_every_experiment_preset_runs_one_step_under_multirun(tmp_path, data_dir
     tatoeba.mkdir(exist_ok=True)
     (tatoeba / "pairs.tsv").write_text("".join(f"Sentence {i}.\t文{i}です。\n" for i in range(3000)))
     proc = run_py("train", "-m", "experiment=glob(*)", "trainer=debug", "model=tiny", "data.vocab_size=400",
-                  f"++data.url={tmp_path}/mirror", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}/sweep")
+                  f"++data.url={tmp_path}/mirror", f"++data.parts.small_enja.url={tmp_path}/mirror",
+                  f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}/sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
     assert len(list((tmp_path / "sweep").glob("*/results.json"))) == len(presets) >= 5
