@@ -140,6 +140,8 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
     if cfg.corpus == "demo":
         return demo_files(cfg)
     if cfg.corpus == "combined":
+        from seq2seq.combined import combined_files  # it reads its parts through corpus_files
+
         return combined_files(cfg)
     raise Seq2SeqError(f"data.corpus={cfg.corpus!r}: expected small_enja, tatoeba, tsv, files, combined or demo")
 
@@ -229,6 +231,22 @@ def tatoeba_tsv(cfg: DataConfig) -> Path:
     return path
 
 
+def stamp_path(prefix: Path, settings: tuple, sources: list[tuple[str, Path]]) -> Path:
+    """`prefix`-KEY: the file that marks corpus files written from these settings and sources (each source
+    named by its label, path, size and modification time), so that they are written once."""
+    key = hashlib.sha256(repr(settings).encode())
+    for label, path in sources:
+        key.update(f"{label}\0{Path(path).resolve()}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}".encode())
+    return prefix.with_name(f"{prefix.name}-{key.hexdigest()[:16]}")
+
+
+def mark_written(stamp: Path) -> None:
+    """The files `stamp` stands for are complete: it replaces the stamps of earlier settings."""
+    for old in stamp.parent.glob(f"{stamp.name.rsplit('-', 1)[0]}-*"):
+        old.unlink()
+    stamp.touch()
+
+
 def tsv_files(cfg: DataConfig, sources: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
     """Tab-separated pairs (`data.columns` names each column: a language, `score`, or anything else)
     as aligned {train,valid,test}.{src,tgt} files in data.dir, written once per sources and settings.
@@ -240,11 +258,8 @@ def tsv_files(cfg: DataConfig, sources: dict[str, Path]) -> dict[str, tuple[Path
     """
     root = Path(cfg.dir)
     files = {split: (root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}") for split in SPLITS}
-    key = hashlib.sha256(repr((cfg.columns, cfg.min_score, cfg.valid_percent, cfg.test_percent, cfg.src_lang,
-                               cfg.tgt_lang)).encode())
-    for split, path in sorted(sources.items()):
-        key.update(f"{split}\0{Path(path).resolve()}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}".encode())
-    stamp = root / f"split-{key.hexdigest()[:16]}"
+    stamp = stamp_path(root / "split", (cfg.columns, cfg.min_score, cfg.valid_percent, cfg.test_percent,
+                                        cfg.src_lang, cfg.tgt_lang), sorted(sources.items()))
     if stamp.exists():
         return files
     with ExitStack() as stack:  # each split's pairs go straight to its two files
@@ -255,9 +270,7 @@ def tsv_files(cfg: DataConfig, sources: dict[str, Path]) -> dict[str, tuple[Path
             for src, tgt, held_out in tsv_pairs(source, cfg, cut_into=missing if split == "train" else []):
                 out[held_out or split][0].write(src + "\n")
                 out[held_out or split][1].write(tgt + "\n")
-    for old in root.glob("split-*"):
-        old.unlink()
-    stamp.touch()
+    mark_written(stamp)
     return files
 
 
@@ -349,91 +362,3 @@ def clean_corpus(corpus: dict[str, tuple[list[str], list[str]]], nfkc: bool):
             src_clean, tgt_clean = [src_clean[i] for i in keep], [tgt_clean[i] for i in keep]
         cleaned[split] = (src_clean, tgt_clean)
     return cleaned
-
-
-def combined_files(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
-    """data=combined: the training pairs of every part (data.parts) as one raw corpus in data.dir; dev and
-    test are the first part's (Tatoeba's), so scores compare with a model trained on that part alone.
-
-    A pre-tokenized part (small_parallel_enja) is made raw first (`raw_form`): Japanese words joined,
-    English detokenized and truecased by a model learned from the raw parts' English. No test sentence
-    is trained on: a training pair goes when either side, compared without case, spaces or punctuation
-    (`canonical`), is a dev or test sentence of any part (Tatoeba and small_parallel_enja share about a
-    quarter of their sentences, written differently).
-    """
-    if not cfg.parts:
-        raise Seq2SeqError("data.parts is empty: data=combined needs the corpora to combine")
-    parts = {name: part_config(cfg, name, values) for name, values in cfg.parts.items()}
-    files = {name: corpus_files(part) for name, part in parts.items()}
-    root = Path(cfg.dir)
-    out = {split: (root / f"{split}.{cfg.src_lang}", root / f"{split}.{cfg.tgt_lang}") for split in SPLITS}
-    key = hashlib.sha256(repr((cfg.src_lang, cfg.tgt_lang, sorted(cfg.parts.items()), "combined 1")).encode())
-    for path in sorted(p for part_files in files.values() for pair in part_files.values() for p in pair):
-        key.update(f"{Path(path).resolve()}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}".encode())
-    stamp = root / f"combined-{key.hexdigest()[:16]}"
-    if stamp.exists():
-        return out
-    held = {canonical(line) for part_files in files.values() for split in ("valid", "test")
-            for path in part_files[split] for line in iter_lines(path)}
-    truecaser = learned_truecaser([files[name]["train"][(cfg.src_lang, cfg.tgt_lang).index("en")]
-                                   for name, part in parts.items() if not part.pretokenized and "en" in
-                                   (cfg.src_lang, cfg.tgt_lang)])
-    first = next(iter(parts))
-    with ExitStack() as stack:
-        writers = {split: [stack.enter_context(atomic_write(path)) for path in pair] for split, pair in out.items()}
-        for name, part in parts.items():
-            for split in SPLITS if name == first else ("train",):
-                kept = n_held = 0
-                for pair in aligned_lines(*files[name][split]):
-                    if part.pretokenized:
-                        pair = tuple(raw_form(line, lang, truecaser) for line, lang in zip(pair, (cfg.src_lang,
-                                                                                                   cfg.tgt_lang)))
-                    if split == "train" and (canonical(pair[0]) in held or canonical(pair[1]) in held):
-                        n_held += 1
-                        continue
-                    for writer, line in zip(writers[split], pair):
-                        writer.write(line + "\n")
-                    kept += 1
-                log.info("combined: %s %s: %d pairs%s", name, split, kept,
-                         f", {n_held} dropped as a dev/test sentence of a part" if n_held else "")
-    for old in root.glob("combined-*"):
-        old.unlink()
-    stamp.touch()
-    return out
-
-
-def part_config(cfg: DataConfig, name: str, values: dict) -> DataConfig:
-    """One part of data=combined, in the combined corpus's direction."""
-    from seq2seq.config import build_config
-
-    return build_config(DataConfig, {**values, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang}, f"data.parts.{name}")
-
-
-def canonical(line: str) -> str:
-    """A sentence as a held-out check compares it: NFKC, lowercased, letters and digits only."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", line).lower() if ch.isalnum())
-
-
-def learned_truecaser(sources: list[tuple[Path, ...]] | list[Path]):
-    """A MosesTruecaser (sacremoses) learned from raw English files: each word's most frequent casing."""
-    from sacremoses import MosesTruecaser
-
-    from seq2seq.textprep import moses
-
-    if not sources:
-        return None
-    tokenizer, _ = moses("en")
-    truecaser = MosesTruecaser()
-    truecaser.train([tokenizer.tokenize(line, escape=False) for path in sources for line in iter_lines(path)],
-                    save_to=None, processes=1)
-    return truecaser
-
-
-def raw_form(line: str, lang: str, truecaser=None) -> str:
-    """A pre-tokenized, lowercased line as people write it: truecased (English, when a truecaser is
-    given), then made natural (`natural_form`: words joined or detokenized, sentence start capitalized)."""
-    from seq2seq.textprep import natural_form
-
-    if lang == "en" and truecaser is not None:
-        line = truecaser.truecase(line, return_str=True)
-    return natural_form(line, lang)
