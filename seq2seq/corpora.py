@@ -104,12 +104,16 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str]
     return src, tgt
 
 
+USER_AGENT = {"User-Agent": "seq2seq/0.1 (English-Japanese NMT toolkit; corpus download)"}
+
+
 def fetch(url: str, dest: Path) -> None:
-    """Copy `url` (http(s)://, file:// or a plain path) to `dest`, atomically."""
+    """Copy `url` (http(s)://, file:// or a plain path) to `dest`, atomically. The request names this
+    project: some corpus hosts refuse urllib's own "Python-urllib" agent with 403."""
     if "://" not in url:
         url = Path(url).resolve().as_uri()
     try:
-        response = urllib.request.urlopen(url, timeout=60)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=USER_AGENT), timeout=60)
     except (OSError, ValueError) as e:
         raise Seq2SeqError(f"could not fetch {url}: {getattr(e, 'reason', None) or e}") from None
     with response, atomic_write(dest, "wb") as f:

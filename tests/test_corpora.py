@@ -1,13 +1,15 @@
 """Corpus loading, cleaning and every bad-input error (one line naming the file, and line)."""
+import http.server
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, replace
 
 import pytest
 
 from seq2seq import Seq2SeqError
-from seq2seq.corpora import (SMALL_ENJA_LINES, DataConfig, clean_corpus, clean_line, load_corpus,
-                             read_parallel)
+from seq2seq.corpora import (SMALL_ENJA_LINES, DataConfig, clean_corpus, clean_line, fetch,
+                             load_corpus, read_parallel)
 from tests.conftest import ROOT, write_small_enja_mirror
 
 
@@ -71,6 +73,27 @@ def test_small_enja_fetch_failure_says_how_to_provide_the_files(tmp_path):
     cfg = data_cfg("small_enja", tmp_path / "corpus", url=(tmp_path / "nowhere").as_uri())
     with pytest.raises(Seq2SeqError, match="could not fetch .*experiment=smoke"):
         load_corpus(cfg)
+
+
+def test_fetch_names_the_project_to_hosts_that_refuse_urllibs_agent(tmp_path):
+    # a host like those that answer "Python-urllib/3.x" with 403 Forbidden
+    class Host(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            refused = self.headers.get("User-Agent", "").startswith("Python-urllib")
+            self.send_response(403 if refused else 200)
+            self.end_headers()
+            self.wfile.write(b"" if refused else "tea\tお茶\n".encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Host)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetch(f"http://127.0.0.1:{server.server_port}/pairs.tsv", tmp_path / "pairs.tsv")
+    finally:
+        server.shutdown()
+    assert (tmp_path / "pairs.tsv").read_text() == "tea\tお茶\n"
 
 
 def test_small_enja_wrong_line_count(tmp_path):
