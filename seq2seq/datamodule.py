@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from seq2seq import Seq2SeqError
 from seq2seq.corpora import SPLITS, DataConfig, aligned_lines, clean_line, corpus_files, iter_pairs, segmenter
-from seq2seq.data import (LengthOrderSampler, ParallelDataset, ResumableDataLoader, TokenArray, TokenArrayWriter,
+from seq2seq.data import (ParallelDataset, ResumableDataLoader, TokenArray, TokenArrayWriter,
                           TokenBatchSampler, collate)
 from seq2seq.files import atomic_write
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_tokenizer
@@ -288,7 +288,7 @@ class TranslationDataModule(L.LightningDataModule):
 
     def dataloader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
-        sampler = TokenBatchSampler(LengthOrderSampler(dataset.sizes, shuffle, self.seed), self.cfg.max_tokens)
+        sampler = TokenBatchSampler(dataset.sampler(shuffle, self.seed), self.cfg.max_tokens)
         loader = ResumableDataLoader if shuffle else DataLoader
         # its own generator: starting an iterator must not draw from the global RNG that dropout uses,
         # or a resumed run (which starts one more iterator) would see other dropout masks than an unbroken one
