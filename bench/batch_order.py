@@ -17,19 +17,14 @@ from train import CONF, ours, train_steps  # noqa: E402  (bench/train.py: our mo
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from seq2seq.corpora import DataConfig  # noqa: E402
-from seq2seq.data import LengthOrderSampler, ParallelDataset  # noqa: E402
+from seq2seq.data import LengthOrderSampler, TokenBatchSampler, collate  # noqa: E402
 from seq2seq.datamodule import TranslationDataModule  # noqa: E402
 from seq2seq.hardware import machine_report, this_machine  # noqa: E402
 
 
-def first_batches(datamodule, steps: int, by_sides: bool) -> list[dict]:
-    """The first `steps` training batches of epoch 0, ordered by size alone or by size and sides."""
-    dataset = datamodule.datasets["train"]
-    if not by_sides:  # the order before: sizes only
-        dataset.sampler = lambda shuffle, seed: LengthOrderSampler(dataset.sizes, shuffle, seed)
-    batches = list(zip(range(steps), datamodule.train_dataloader()))
-    vars(dataset).pop("sampler", None)
-    return [b for _, b in batches]
+def first_batches(dataset, sampler, max_tokens: int, steps: int) -> list[dict]:
+    """The first `steps` training batches of epoch 0 in the sampler's order, padded as training pads them."""
+    return [collate([dataset[i] for i in batch]) for batch in TokenBatchSampler(sampler, max_tokens).batches()[:steps]]
 
 
 def main():
@@ -50,8 +45,9 @@ def main():
                                           f"data_dir={args.data_dir}", "output_dir=."])
     datamodule = TranslationDataModule(DataConfig(**cfg.data), Path(cfg.data_dir) / "cache", seed=cfg.seed)
     datamodule.setup()
-    orders = {"size only": first_batches(datamodule, args.steps, False),
-              "size, src, tgt": first_batches(datamodule, args.steps, True)}
+    train, max_tokens = datamodule.datasets["train"], cfg.data.max_tokens
+    orders = {"size only": first_batches(train, LengthOrderSampler(train.sizes, True, cfg.seed), max_tokens, args.steps),
+              "size, src, tgt": first_batches(train, train.sampler(True, cfg.seed), max_tokens, args.steps)}
     model, loss_fn, optimizer = ours(cfg, datamodule.tokenizer, "cpu")
     train_steps(model, loss_fn, optimizer, orders["size only"][:3], False, "cpu")  # warm-up
     times = {name: [] for name in orders}

@@ -104,7 +104,7 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str]
     return src, tgt
 
 
-USER_AGENT = {"User-Agent": "seq2seq/0.1 (English-Japanese NMT toolkit; corpus download)"}
+USER_AGENT = {"User-Agent": "seq2seq (English-Japanese NMT toolkit; corpus download)"}
 
 
 def fetch(url: str, dest: Path) -> None:

@@ -116,7 +116,7 @@ class LengthOrderSampler(Sampler[int]):
         return np.random.default_rng([self.seed, self.epoch])
 
     def order(self) -> np.ndarray:
-        """This epoch's indices, by size. (N,) int64"""
+        """This epoch's indices, by size, then by each of `ties`. (N,) int64"""
         order = self.rng().permutation(len(self.sizes)) if self.shuffle else np.arange(len(self.sizes))
         keys = [key[order] for key in reversed(self.ties)] + [self.sizes[order]]  # lexsort: last key first
         return order[np.lexsort(keys)]
