@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import CONF, ours, train_steps  # noqa: E402  (bench/train.py: our model, optimizer and timed steps)
+from hydra import compose, initialize_config_dir
+from train import CONF, ours, train_steps  # bench/train.py: our model, optimizer and timed steps
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from seq2seq.corpora import DataConfig  # noqa: E402
-from seq2seq.data import LengthOrderSampler, TokenBatchSampler, collate  # noqa: E402
-from seq2seq.datamodule import TranslationDataModule  # noqa: E402
-from seq2seq.hardware import machine_report, this_machine  # noqa: E402
+from seq2seq.corpora import DataConfig
+from seq2seq.data import LengthOrderSampler, TokenBatchSampler, collate
+from seq2seq.datamodule import TranslationDataModule
+from seq2seq.hardware import machine_report, this_machine
 
 
 def first_batches(dataset, sampler, max_tokens: int, steps: int) -> list[dict]:
