@@ -1,4 +1,4 @@
-"""TranslationModule: label-smoothed loss, AdamW with warmup + inverse-sqrt decay, and validation
+"""TranslationModule: label-smoothed loss, AdamW with warmup then inverse-sqrt or linear decay, and validation
 decoding with BLEU/chrF logging. Holds no model code: the model is the plain Transformer.
 """
 import logging
@@ -31,12 +31,30 @@ class OptimConfig:
     warmup_steps: int
     label_smoothing: float
     max_warmup_share: float  # with trainer.max_time: warmup takes at most this share of the steps the time buys
+    decay: str = "inverse_sqrt"  # after the warmup: inverse_sqrt, or linear (to zero at the last step)
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay={self.decay!r}: expected one of {', '.join(DECAYS)}")
+
+
+DECAYS = ("inverse_sqrt", "linear")
 
 
 def inverse_sqrt(step: int, warmup_steps: int) -> float:
     """LR multiplier: linear warmup to 1 at warmup_steps, then decay by sqrt(warmup_steps / step)."""
     step = max(step, 1)
     return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def linear_decay(step: int, warmup_steps: int, total_steps: int | None) -> float:
+    """LR multiplier: linear warmup to 1 at warmup_steps, then linear decay to 0 at total_steps (None: not
+    known yet, held at 1). A fixed budget of steps is spent best this way (Li et al., 2020, "Budgeted
+    training"): the weights settle as the learning rate reaches zero, where inverse-sqrt leaves them moving."""
+    step = max(step, 1)
+    if step < warmup_steps or total_steps is None:
+        return min(step / warmup_steps, 1.0)
+    return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
 
 
 class TranslationModule(L.LightningModule):
@@ -52,7 +70,8 @@ class TranslationModule(L.LightningModule):
         self.hyps: list[tuple[int, str]] = []
         self.loss_sum, self.token_count = 0.0, 0
         self.test_results: dict = {}
-        self.warmup_steps = optim.warmup_steps  # BudgetWarmup may shorten it; saved in checkpoints
+        self.warmup_steps = optim.warmup_steps  # BudgetSchedule may shorten it; saved in checkpoints
+        self.total_steps: int | None = None  # where decay=linear reaches zero: trainer.max_steps, or BudgetSchedule's
         self.finite: torch.Tensor | None = None  # were all training losses so far finite? (on the device)
 
     def loss(self, batch: dict, label_smoothing: float) -> tuple[torch.Tensor, int]:
@@ -137,8 +156,17 @@ class TranslationModule(L.LightningModule):
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), fused=self.fused_adamw)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt(step, self.warmup_steps))
+        if self.optim.decay == "linear" and self.total_steps is None and self._trainer is not None \
+                and self._trainer.max_steps > 0:
+            self.total_steps = self._trainer.max_steps  # under trainer.max_time, BudgetSchedule may end it sooner
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier of optim.lr at `step` (read each step: BudgetSchedule may change it)."""
+        if self.optim.decay == "linear":
+            return linear_decay(step, self.warmup_steps, self.total_steps)
+        return inverse_sqrt(step, self.warmup_steps)
 
     @property
     def fused_adamw(self) -> bool:
@@ -167,6 +195,7 @@ class TranslationModule(L.LightningModule):
         if self.device.type == "cuda":
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
         checkpoint["warmup_steps"] = self.warmup_steps
+        checkpoint["total_steps"] = self.total_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "torch_rng_state" in checkpoint:
@@ -174,6 +203,7 @@ class TranslationModule(L.LightningModule):
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state(checkpoint["cuda_rng_state"].cpu())  # the current device: this rank's GPU
         self.warmup_steps = checkpoint.get("warmup_steps", self.warmup_steps)
+        self.total_steps = checkpoint.get("total_steps", self.total_steps)
 
 
 class TokenThroughput(L.Callback):
@@ -195,13 +225,15 @@ class TokenThroughput(L.Callback):
         return self.tokens / max(self.seconds, 1e-9)
 
 
-class BudgetWarmup(L.Callback):
-    """Under a time budget (trainer.max_time), cut the warmup to `optim.max_warmup_share` of the steps the
-    budget buys, estimated from the speed of the first `probe_steps` steps.
+class BudgetSchedule(L.Callback):
+    """Under a time budget (trainer.max_time), fit the learning-rate schedule to the steps the budget buys:
+    the warmup is cut to `optim.max_warmup_share` of them, estimated from the speed of the first
+    `probe_steps` steps; with decay=linear, the decay ends at the budget's last step, re-estimated after
+    each validation from the time spent so far (validation included) and the time left.
 
-    Why: a warmup fixed in steps suits one machine. The 60-minute en->ja recipe's 1,000 warmup steps were
+    Why: a schedule fixed in steps suits one machine. The 60-minute en->ja recipe's 1,000 warmup steps were
     18% of the 5,495 steps an AMX CPU makes in the hour, and 93% of the 1,071 an AVX2 CPU makes in fp32.
-    Decided once; the module saves its warmup_steps in checkpoints, so a resumed run keeps the same schedule.
+    The module saves warmup_steps and total_steps in checkpoints, so a resumed run continues the same schedule.
     """
 
     def __init__(self, max_share: float, probe_steps: int = 30):
@@ -215,9 +247,29 @@ class BudgetWarmup(L.Callback):
         self.seconds += time.perf_counter() - self.start
         if trainer.global_step != self.probe_steps:
             return
-        timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
-        steps = self.probe_steps + timer.time_remaining() / (self.seconds / self.probe_steps)
+        steps = self.probe_steps + self.timer(trainer).time_remaining() / (self.seconds / self.probe_steps)
         warmup = max(1, min(pl_module.warmup_steps, round(self.max_share * steps)))
         log.info("the time budget buys about %d steps at %.2f s/step: warmup %d steps (optim.warmup_steps=%d)",
                  steps, self.seconds / self.probe_steps, warmup, pl_module.warmup_steps)
         pl_module.warmup_steps = warmup
+        if pl_module.optim.decay == "linear":
+            pl_module.total_steps = self.capped(trainer, round(steps))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if pl_module.optim.decay != "linear" or trainer.sanity_checking or step <= self.probe_steps:
+            return
+        timer = self.timer(trainer)
+        per_step = timer.time_elapsed("train") / step  # validation's share of the time included
+        pl_module.total_steps = self.capped(trainer, max(step + 1, round(step + timer.time_remaining() / per_step)))
+        log.info("step %d: the time left buys about %d steps more; the learning rate reaches zero at step %d",
+                 step, pl_module.total_steps - step, pl_module.total_steps)
+
+    @staticmethod
+    def capped(trainer, steps: int) -> int:
+        """trainer.max_steps, when given, ends the run first if it comes before the time does."""
+        return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
+
+    @staticmethod
+    def timer(trainer) -> Timer:
+        return next(c for c in trainer.callbacks if isinstance(c, Timer))

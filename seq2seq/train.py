@@ -22,7 +22,7 @@ from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
 from seq2seq.hardware import this_machine, training_precision
-from seq2seq.lit_module import MONITOR, BudgetWarmup, OptimConfig, TokenThroughput, TranslationModule
+from seq2seq.lit_module import MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.search import SearchConfig
@@ -107,6 +107,9 @@ def train_job(cfg: DictConfig) -> float:
         raise Seq2SeqError(f"model.max_len={model_cfg.max_len} must exceed data.max_len={data_cfg.max_len} "
                            "(the longest training sentence plus its eos)")
     optim_cfg = build_config(OptimConfig, cfg.optim, "optim")
+    if optim_cfg.decay == "linear" and not (cfg.trainer.get("max_time") or cfg.trainer.get("max_steps", -1) > 0):
+        raise Seq2SeqError("optim.decay=linear decays to zero at the last step: give trainer.max_steps or "
+                           "trainer.max_time (or optim.decay=inverse_sqrt)")
     run = run_config(cfg)
     val_search = build_config(SearchConfig, cfg.validation, "validation")
     L.seed_everything(run.seed, workers=True)
@@ -137,7 +140,7 @@ def train_job(cfg: DictConfig) -> float:
         trainer_cfg["val_check_interval"], trainer_cfg["check_val_every_n_epoch"] = validation_interval(batches)
     trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())
     if trainer_cfg.get("max_time"):
-        callbacks.append(BudgetWarmup(optim_cfg.max_warmup_share))
+        callbacks.append(BudgetSchedule(optim_cfg.max_warmup_share))
     if trainer_cfg.pop("logger"):
         trainer_cfg["logger"] = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tensorboard")]
         callbacks.append(LearningRateMonitor("step"))

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 import shutil
 import signal
 import subprocess
@@ -13,12 +14,13 @@ import time
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, load_model
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
-from seq2seq.lit_module import OptimConfig, TranslationModule
+from seq2seq.lit_module import BudgetSchedule, OptimConfig, TranslationModule, linear_decay
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.train import train
 from tests.conftest import ROOT, compose_train, free_port, run_limited, run_py, write_small_enja_mirror
@@ -276,6 +278,54 @@ def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
         torch.testing.assert_close(grads.norm(), torch.tensor(0.5))
     else:
         assert torch.equal(grads, torch.full_like(grads, 0.5))
+
+
+def test_linear_decay_warms_up_then_reaches_zero_at_the_last_step():
+    factors = [linear_decay(step, warmup_steps=10, total_steps=110) for step in range(1, 121)]
+    assert factors[:10] == pytest.approx([s / 10 for s in range(1, 11)])  # warmup to 1 at step 10
+    assert all(a > b for a, b in zip(factors[9:109], factors[10:110]))  # then strictly down ...
+    assert factors[59] == pytest.approx(0.5) and factors[109] == 0.0 and set(factors[110:]) == {0.0}  # ... to 0
+    assert linear_decay(500, warmup_steps=10, total_steps=None) == 1.0  # the end not known yet: held at the peak
+
+
+def schedule_module(decay: str) -> TranslationModule:
+    model = Transformer(ModelConfig(vocab_size=50, pad_id=0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
+                                    n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=16))
+    return TranslationModule(model, None, OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=100,
+                                                      label_smoothing=0.0, max_warmup_share=0.2, decay=decay), None)
+
+
+@pytest.mark.parametrize("decay", ["inverse_sqrt", "linear"])
+def test_the_time_budget_fits_the_schedule_to_the_steps_it_buys(decay):
+    """30 probe steps of 1 s with 270 s left: 300 steps in all, so a 60-step warmup (20%); for decay=linear
+    the end at step 300, moved after a validation to what the time left buys at the speed so far."""
+    module, timer = schedule_module(decay), Timer(duration="00:00:10:00")
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False)
+    timer.time_remaining = lambda: 270.0
+    budget = BudgetSchedule(max_share=0.2, probe_steps=30)
+    for step in range(1, 31):
+        trainer.global_step = step
+        budget.seconds += 1.0
+        budget.start = time.perf_counter()
+        budget.on_train_batch_end(trainer, module, None, None, step)
+    assert module.warmup_steps == 60
+    assert module.total_steps == (300 if decay == "linear" else None)
+    trainer.global_step, timer.time_elapsed, timer.time_remaining = 100, lambda stage: 200.0, lambda: 100.0
+    budget.on_validation_end(trainer, module)  # 2 s a step with validation: 50 steps more
+    assert module.total_steps == (150 if decay == "linear" else None)
+    trainer.max_steps = 120  # a step limit that comes first ends the decay there
+    budget.on_validation_end(trainer, module)
+    assert module.total_steps == (120 if decay == "linear" else None)
+
+
+def test_linear_decay_without_an_end_is_a_config_error(tmp_path, data_dir):
+    cfg = compose_train(["experiment=smoke", "optim.decay=linear", "trainer.max_steps=-1", f"data_dir={data_dir}",
+                         f"output_dir={tmp_path}"])
+    with pytest.raises(Seq2SeqError, match="optim.decay=linear .* give trainer.max_steps or trainer.max_time"):
+        train(cfg)
+    cfg = compose_train(["experiment=smoke", "optim.decay=cosine", f"data_dir={data_dir}", f"output_dir={tmp_path}"])
+    with pytest.raises(Seq2SeqError, match="decay='cosine': expected one of inverse_sqrt, linear"):
+        train(cfg)
 
 
 @pytest.mark.slow
