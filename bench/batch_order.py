@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hydra import compose, initialize_config_dir
 from train import CONF, ours, train_steps  # bench/train.py: our model, optimizer and timed steps
 
+from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler, collate
 from seq2seq.datamodule import TranslationDataModule
@@ -42,7 +43,8 @@ def main():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={args.model}", "data=small_enja", f"data.url={url}",
                                           f"data_dir={args.data_dir}", "output_dir=."])
-    datamodule = TranslationDataModule(DataConfig(**cfg.data), Path(cfg.data_dir) / "cache", seed=cfg.seed)
+    datamodule = TranslationDataModule(build_config(DataConfig, cfg.data, "data"), Path(cfg.data_dir) / "cache",
+                                       seed=cfg.seed)
     datamodule.setup()
     train, max_tokens = datamodule.datasets["train"], cfg.data.max_tokens
     orders = {"size only": first_batches(train, LengthOrderSampler(train.sizes, True, cfg.seed), max_tokens, args.steps),

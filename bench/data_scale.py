@@ -51,6 +51,7 @@ def child(corpus: Path, cache: Path, workers: int) -> None:
     """One run's data side: setup (prepare or open the cache), then the first training batch."""
     from hydra import compose, initialize_config_dir
 
+    from seq2seq.config import build_config
     from seq2seq.corpora import DataConfig
     from seq2seq.datamodule import TranslationDataModule
 
@@ -61,7 +62,7 @@ def child(corpus: Path, cache: Path, workers: int) -> None:
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides + [f"data.{k}={v}" for k, v in files.items()])
     imported = time.perf_counter()
-    datamodule = TranslationDataModule(DataConfig(**cfg.data), cache / "cache", seed=0)
+    datamodule = TranslationDataModule(build_config(DataConfig, cfg.data, "data"), cache / "cache", seed=0)
     datamodule.setup()
     set_up = time.perf_counter()
     loader = datamodule.train_dataloader()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.hardware import machine_report, matmul_peak, synchronize, this_machine
@@ -104,7 +105,8 @@ def load_batches(args):
     data += [f"data.max_tokens={args.max_tokens}"] if args.max_tokens else []
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={args.model}", *data, f"data_dir={args.data_dir}", "output_dir=."])
-    datamodule = TranslationDataModule(DataConfig(**cfg.data), Path(cfg.data_dir) / "cache", seed=cfg.seed)
+    datamodule = TranslationDataModule(build_config(DataConfig, cfg.data, "data"), Path(cfg.data_dir) / "cache",
+                                       seed=cfg.seed)
     datamodule.setup()
     loader = (batch for _ in itertools.count() for batch in datamodule.train_dataloader())  # epoch after epoch
     to_device = lambda b: {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
