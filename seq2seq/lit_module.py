@@ -248,6 +248,7 @@ class BudgetSchedule(L.Callback):
         if trainer.global_step != self.probe_steps:
             return
         steps = self.probe_steps + self.timer(trainer).time_remaining() / (self.seconds / self.probe_steps)
+        steps = trainer.strategy.broadcast(steps)  # rank 0's clock: under DDP every rank keeps one schedule
         warmup = max(1, min(pl_module.warmup_steps, round(self.max_share * steps)))
         log.info("the time budget buys about %d steps at %.2f s/step: warmup %d steps (optim.warmup_steps=%d)",
                  steps, self.seconds / self.probe_steps, warmup, pl_module.warmup_steps)
@@ -261,7 +262,8 @@ class BudgetSchedule(L.Callback):
             return
         timer = self.timer(trainer)
         per_step = timer.time_elapsed("train") / step  # validation's share of the time included
-        pl_module.total_steps = self.capped(trainer, max(step + 1, round(step + timer.time_remaining() / per_step)))
+        steps = trainer.strategy.broadcast(round(step + timer.time_remaining() / per_step))  # rank 0's clock
+        pl_module.total_steps = self.capped(trainer, max(step + 1, steps))
         log.info("step %d: the time left buys about %d steps more; the learning rate reaches zero at step %d",
                  step, pl_module.total_steps - step, pl_module.total_steps)
 

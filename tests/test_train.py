@@ -300,7 +300,8 @@ def test_the_time_budget_fits_the_schedule_to_the_steps_it_buys(decay):
     """30 probe steps of 1 s with 270 s left: 300 steps in all, so a 60-step warmup (20%); for decay=linear
     the end at step 300, moved after a validation to what the time left buys at the speed so far."""
     module, timer = schedule_module(decay), Timer(duration="00:00:10:00")
-    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False)
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False,
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
     timer.time_remaining = lambda: 270.0
     budget = BudgetSchedule(max_share=0.2, probe_steps=30)
     for step in range(1, 31):
