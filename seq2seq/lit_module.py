@@ -23,6 +23,9 @@ SPLIT_OF_STAGE = {"val": "valid", "test": "test"}
 log = logging.getLogger(__name__)
 
 
+DECAYS = ("inverse_sqrt", "linear")  # optim.decay: the learning rate after the warmup
+
+
 @dataclass
 class OptimConfig:
     lr: float  # peak learning rate, reached after warmup_steps
@@ -31,14 +34,11 @@ class OptimConfig:
     warmup_steps: int
     label_smoothing: float
     max_warmup_share: float  # with trainer.max_time: warmup takes at most this share of the steps the time buys
-    decay: str = "inverse_sqrt"  # after the warmup: inverse_sqrt, or linear (to zero at the last step)
+    decay: str  # after the warmup: inverse_sqrt, or linear (to zero at the last step)
 
     def __post_init__(self):
         if self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r}: expected one of {', '.join(DECAYS)}")
-
-
-DECAYS = ("inverse_sqrt", "linear")
 
 
 def inverse_sqrt(step: int, warmup_steps: int) -> float:

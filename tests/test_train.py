@@ -33,7 +33,8 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     tok = datamodule.tokenizer
     model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
     module = TranslationModule(model, tok, OptimConfig(lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0,
-                                                       warmup_steps=1, label_smoothing=0.0, max_warmup_share=1.0), None)
+                                                       warmup_steps=1, label_smoothing=0.0, max_warmup_share=1.0,
+                                                       decay="inverse_sqrt"), None)
     batch = next(iter(datamodule.train_dataloader()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -70,7 +71,7 @@ def test_validation_decodes_as_the_validation_config_says(tiny_cfg, tiny_model):
 
     for beam in (1, 3):
         optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0,
-                            max_warmup_share=1.0)
+                            max_warmup_share=1.0, decay="inverse_sqrt")
         module = TranslationModule(tiny_model, Words(), optim, None, search=replace(search, beam_size=beam))
         module.on_validation_epoch_start()
         with torch.no_grad():
@@ -266,7 +267,7 @@ def test_gradients_are_clipped_with_the_fused_optimizer(algorithm):
     model = Transformer(ModelConfig(vocab_size=50, pad_id=0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
                                     n_dec_layers=1, dropout=0.0, pre_norm=True, max_len=16))
     optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.0,
-                        max_warmup_share=1.0)
+                        max_warmup_share=1.0, decay="inverse_sqrt")
     module = TranslationModule(model, None, optim, None)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"]
