@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
@@ -98,8 +99,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
 
 
+def quiet_other_ranks() -> None:
+    """Under DDP every rank runs this job: only rank 0 logs our progress (each line once in the console
+    and run.log); the other ranks still log warnings and errors, which may be their own."""
+    if rank_zero_only.rank > 0:  # set from the launcher's RANK / LOCAL_RANK before any rank starts work
+        logging.getLogger("seq2seq").setLevel(logging.WARNING)
+
+
 def train_job(cfg: DictConfig) -> float:
     quiet_lightning()
+    quiet_other_ranks()
     # every config group is checked before any work (the tokenizer's vocab_size and pad_id come later)
     data_cfg = build_config(DataConfig, cfg.data, "data")
     model_cfg = build_config(ModelConfig, cfg.model, "model", vocab_size=data_cfg.vocab_size, pad_id=PAD_ID)

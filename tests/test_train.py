@@ -186,6 +186,8 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, data_dir):
     n_test = len((data_dir / "demo" / "test.en").read_text().splitlines())
     assert len((out / "test.hyp.ja").read_text().splitlines()) == n_test
     assert output.count("[seq2seq.train][INFO] - results: {") == 1  # rank 0 alone reports
+    assert output.count("[seq2seq.train][INFO] - machine: ") == 1  # and alone logs progress (quiet_other_ranks)
+    assert output.count("[seq2seq.datamodule][INFO] - corpus demo") == 1
 
 
 @pytest.mark.slow
