@@ -10,8 +10,9 @@
      texts, control characters, invalid UTF-8 bytes. None may get a 5xx or a dropped connection, and
      the service must still answer correctly afterwards.
 
-fp32 on both sides, so that an answer cannot depend on which requests share its batch (int8 scales
-activations per batch). `--batch-max-ms 5 50` loads two services side by side: 5 is the fixed 5 ms
+Both sides decode at `--precision` (default: auto, the machine's choice). No precision lets an answer
+depend on which requests share its batch (int8 scales each row on its own), so every answer must equal
+its offline translation. `--batch-max-ms 5 50` loads two services side by side: 5 is the fixed 5 ms
 window of `batch_ms` alone (the batcher before a batch could follow a burst), 50 the default. Bounded: every request has a timeout, and the service is stopped at the end.
 
     python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja [--batch-max-ms 5 50]
@@ -85,7 +86,8 @@ def hostile_bodies(n: int, langs: tuple[str, str]) -> list[bytes]:
 
 def start_service(args, port: int, batch_max_ms: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "run.py", "serve", f"ckpt={args.ckpt}", f"port={port}",
-                             f"beam_size={args.beam_size}", "precision=32", f"batch_max_ms={batch_max_ms}"], cwd=ROOT,
+                             f"beam_size={args.beam_size}", f"precision={args.precision}",
+                             f"batch_max_ms={batch_max_ms}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -108,12 +110,13 @@ def main():
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--hostile", type=int, default=1000)
     parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--precision", default="auto", help="both sides: auto, 32, bf16 or int8")
     parser.add_argument("--batch-max-ms", type=float, nargs="+", default=[50.0],
                         help="services to load side by side (5: the fixed 5 ms window of batch_ms alone); the lone "
                              "and hostile requests go to the last")
     args = parser.parse_args()
 
-    from seq2seq.hardware import machine_report, this_machine
+    from seq2seq.hardware import choose_precision, machine_report, this_machine
     from seq2seq.search import SearchConfig
     from seq2seq.textprep import natural_form
     from seq2seq.translator import Translator
@@ -125,7 +128,7 @@ def main():
     test = Path(args.data_url, f"test.{info.src_lang}").read_text(encoding="utf-8").splitlines()
     test = [natural_form(line, info.src_lang) for line in test]  # as users type them
     sentences = [test[i % len(test)] for i in range(args.requests)]
-    search = SearchConfig(beam_size=args.beam_size, precision="32")
+    search = SearchConfig(beam_size=args.beam_size, precision=args.precision)
     translator.translate(test[:16], search)  # warm-up
     start = time.perf_counter()
     expected = dict(zip(test, translator.translate(sentences, search)[:len(test)]))
@@ -156,7 +159,8 @@ def main():
             service.terminate()
             service.wait(timeout=60)
 
-    print(f"\nservice: beam {args.beam_size}, fp32; {args.requests} one-sentence requests from {args.clients} clients; "
+    precision = choose_precision(args.precision, "cpu", training=False, machine=this_machine())[0]
+    print(f"\nservice: beam {args.beam_size}, precision {args.precision} ({precision}); {args.requests} one-sentence requests from {args.clients} clients; "
           f"one batch job: {args.requests / batch_s:.1f} sentences/s")
     print("| batch_max_ms | errors | unlike offline | p50 ms | p99 ms | sentences/s | of the batch job |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -5,7 +5,7 @@ import torch
 
 from seq2seq import Seq2SeqError
 from seq2seq.hardware import Machine, choose_precision, precision_name, resolve_device, training_precision
-from seq2seq.int8 import Int8Transformer
+from seq2seq.int8 import Int8Linear, Int8Transformer
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
 from seq2seq.translator import Translator
@@ -22,7 +22,7 @@ T4 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=4, cuda=Tru
 @pytest.mark.parametrize("machine, device, training_choice, decoding_choice", [
     (AVX2, "cpu", "32", "int8"),
     (AVX512, "cpu", "32", "int8"),
-    (ZEN5, "cpu", "bf16", "int8"),
+    (ZEN5, "cpu", "bf16", "bf16"),
     (AMX, "cpu", "bf16", "bf16"),
     (H200, "cuda", "bf16", "bf16"),
     (T4, "cuda", "16", "16"),
@@ -90,11 +90,36 @@ def test_int8_model_is_close_to_fp32(tiny_model):
     assert tiny_model.encoder_layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original untouched
 
 
-def test_int8_beam_search_runs_with_the_kv_cache(tiny_model):
-    src = torch.randint(4, tiny_model.cfg.vocab_size, (4, 6))
-    search = SearchConfig(beam_size=3, nbest=2, max_len_a=0, max_len_b=6)
-    out = beam_search(Int8Transformer(tiny_model), src, tiny_model.pad_mask(src), search)
-    assert len(out) == 4 and all(len(hyps) == 2 for hyps in out)
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])  # fbgemm's fixed-scale kernel; the anchored dynamic one
+def test_int8_linear_quantizes_each_row_on_its_own(engine, monkeypatch):
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"quantization engine {engine} is not in this torch build")
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    x = torch.randn(4, 6, 32) * torch.logspace(-2, 2, 4)[:, None, None]  # rows of very different sizes
+    int8 = Int8Linear(linear)
+    with torch.no_grad():
+        ref, out = linear(x), int8(x)
+        small_alone = int8(x[0])  # the smallest rows, without the large ones that a batch-wide scale would follow
+    assert torch.equal(small_alone, out[0])
+    assert ((out - ref).abs().amax(-1) <= 0.03 * ref.abs().amax(-1)).all()  # each row within 3% of its own size
+
+
+def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model):
+    """Through the KV cache too: a sentence's hypotheses and scores do not depend on the sentences batched
+    with it (a batch-wide activation scale changed tokens here, and scores by up to 0.9)."""
+    torch.manual_seed(0)
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (6, 12))
+    src[1, 5:], src[3, 2:] = tiny_model.cfg.pad_id, tiny_model.cfg.pad_id
+    search = SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8)
+    int8 = Int8Transformer(tiny_model)
+    batched = beam_search(int8, src, tiny_model.pad_mask(src), search)
+    for sentence, hyps in zip(src, batched):
+        alone = sentence[sentence.ne(tiny_model.cfg.pad_id)][None]  # (1, its own length)
+        [hyps_alone] = beam_search(int8, alone, tiny_model.pad_mask(alone), search)
+        assert [tokens for tokens, _ in hyps] == [tokens for tokens, _ in hyps_alone]
+        assert [score for _, score in hyps] == pytest.approx([score for _, score in hyps_alone], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -23,14 +23,14 @@ def translator(smoke_run):
 
 
 def test_translate_keeps_line_count_and_order(translator):
-    # fp32: int8 (auto on a CPU without native bf16) scales activations per batch, so there a line's
-    # translation may depend on the lines batched with it (docs/benchmarks.md)
     out = translator.translate(LINES, beam_size=3, precision="32")
     assert len(out) == len(LINES)
     assert out[1:3] == ["", ""] and out[6] == ""
     assert out[0] and out[0] == out[4]  # the same line, wherever it is, same translation
-    alone = [translator.translate(line, beam_size=3, precision="32") for line in LINES]  # a str in, a str out
-    assert out == alone
+    for precision in ("32", "int8"):  # int8 scales each row on its own: a line never depends on its batch
+        batched = translator.translate(LINES, beam_size=3, precision=precision)
+        alone = [translator.translate(line, beam_size=3, precision=precision) for line in LINES]  # a str in, a str out
+        assert batched == alone
     assert len(translator.translate(LINES, beam_size=3)) == len(LINES)  # at the machine's own precision
     nbest = translator.translate_nbest(LINES, beam_size=3, nbest=2, precision="32")
     assert [hyps[0][0] for hyps in nbest] == out and len(nbest[0]) == 2 and nbest[0][0][1] >= nbest[0][1][1]
