@@ -27,7 +27,7 @@ def test_translate_keeps_line_count_and_order(translator):
     assert len(out) == len(LINES)
     assert out[1:3] == ["", ""] and out[6] == ""
     assert out[0] and out[0] == out[4]  # the same line, wherever it is, same translation
-    for precision in ("32", "int8"):  # int8 scales each row on its own: a line never depends on its batch
+    for precision in ("32", "int8"):  # int8 scales each row on its own, not by its batch
         batched = translator.translate(LINES, beam_size=3, precision=precision)
         alone = [translator.translate(line, beam_size=3, precision=precision) for line in LINES]  # a str in, a str out
         assert batched == alone
