@@ -15,6 +15,7 @@ import functools
 import logging
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class Machine:
     cuda: bool
     cuda_bf16: bool
     gpu: str  # the CUDA device's name, "" without one
+    cpu_int8: bool = True  # this torch build runs the quantized CPU kernels of seq2seq/int8.py
 
     def describe(self) -> str:
         gpu = f"GPU {self.gpu} (bf16: {'yes' if self.cuda_bf16 else 'no'})" if self.cuda else "no GPU"
@@ -69,12 +71,27 @@ def cpu_isa() -> tuple[str, bool]:
     return torch.backends.cpu.get_cpu_capability(), False
 
 
+def cpu_int8_kernels() -> bool:
+    """Whether this torch build still runs the quantized CPU linear kernels that int8 decoding uses:
+    PyTorch has announced their removal (in favour of torchao), and torch>=2.3 is all we ask for."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weight = torch.quantize_per_channel(torch.ones(2, 2), torch.ones(2, dtype=torch.double),
+                                                torch.zeros(2, dtype=torch.long), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(weight, None)
+            torch.ops.quantized.linear_dynamic(torch.ones(1, 2), packed, reduce_range=True)
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
 def probe_machine() -> Machine:
     isa, native_bf16 = cpu_isa()
     cuda = torch.cuda.is_available()
     return Machine(cpu_model=cpu_model(), cpu_isa=isa, cpu_native_bf16=native_bf16, threads=torch.get_num_threads(),
                    cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-                   gpu=torch.cuda.get_device_name() if cuda else "")
+                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels())
 
 
 def precision_name(value) -> str:
@@ -99,6 +116,9 @@ def choose_precision(requested, device: str, training: bool, machine: Machine) -
     if name == "int8" and (training or device != "cpu"):
         raise Seq2SeqError("precision=int8 is for decoding on a CPU; use 32, bf16 or auto "
                            f"for {'training' if training else 'a GPU'}")
+    if name == "int8" and not machine.cpu_int8:
+        raise Seq2SeqError(f"precision=int8: torch {torch.__version__} has no quantized CPU kernels "
+                           "(torch.ops.quantized); use auto or 32")
     if name == "16" and device == "cpu":
         raise Seq2SeqError("precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); use auto, 32 or bf16")
     if name != "auto":
@@ -119,6 +139,8 @@ def choose_precision(requested, device: str, training: bool, machine: Machine) -
         # batch at once; scaling each row (seq2seq/int8.py) then cost int8 10-12% on an AVX-512 CPU, so
         # bf16 is expected level or ahead there (docs/benchmarks.md; to be measured on that class again)
         return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
+    if not machine.cpu_int8:
+        return "32", f"this CPU has no native bf16 ({machine.cpu_isa}) and torch {torch.__version__} no int8 kernels"
     return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
 
 

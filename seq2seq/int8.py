@@ -26,8 +26,8 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 (one scale per output row) and each row of x quantized by its own max |x|.
 
     x / s_row goes through fbgemm's int8 GEMM at one fixed activation scale, and y = s_row * (x / s_row) W^T + b:
-    one quantization per row, independent of the other rows. Where the quantization engine has no such fixed-
-    scale kernel (qnnpack, on ARM), the rows go through its dynamic kernel with two extra rows, of +1 and of -1,
+    one quantization per row, independent of the other rows. Where there is no such fixed-scale kernel (the
+    qnnpack engine, on ARM; an older torch), the rows go through its dynamic kernel with two extra rows, of +1 and of -1,
     so that the range it measures, and hence its scale, is [-1, 1] for every batch.
     """
 
@@ -41,7 +41,8 @@ class Int8Linear(nn.Module):
                                                   0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q_weight, None)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.fixed_scale_kernel = torch.backends.quantized.engine in ("x86", "fbgemm")
+        self.fixed_scale_kernel = (torch.backends.quantized.engine in ("x86", "fbgemm")
+                                   and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

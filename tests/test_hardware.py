@@ -1,10 +1,13 @@
 """The precision and device chosen from the hardware (its answers faked), and int8 decoding against fp32."""
+import dataclasses
+
 import pytest
 import sacrebleu
 import torch
 
 from seq2seq import Seq2SeqError
-from seq2seq.hardware import Machine, choose_precision, precision_name, resolve_device, training_precision
+from seq2seq.hardware import (Machine, choose_precision, cpu_int8_kernels, precision_name, resolve_device,
+                              training_precision)
 from seq2seq.int8 import Int8Linear, Int8Transformer
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
@@ -32,6 +35,15 @@ def test_auto_follows_the_hardware(machine, device, training_choice, decoding_ch
         precision, reason = choose_precision("auto", device, training, machine)
         assert precision == expected
         assert reason  # logged with the choice
+
+
+def test_a_torch_without_int8_kernels_decodes_in_fp32_and_refuses_int8_in_one_line():
+    no_int8 = dataclasses.replace(AVX2, cpu_int8=False)
+    precision, reason = choose_precision("auto", "cpu", False, no_int8)
+    assert precision == "32" and "no int8 kernels" in reason
+    with pytest.raises(Seq2SeqError, match=r"precision=int8: torch .* has no quantized CPU kernels"):
+        choose_precision("int8", "cpu", False, no_int8)
+    assert cpu_int8_kernels()  # this torch has them (the other tests decode in int8)
 
 
 def test_the_reason_names_what_the_cpu_lacks():
@@ -90,8 +102,9 @@ def test_int8_model_is_close_to_fp32(tiny_model):
     assert tiny_model.encoder_layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original untouched
 
 
-@pytest.mark.parametrize("engine", ["x86", "qnnpack"])  # fbgemm's fixed-scale kernel; the anchored dynamic one
-def test_int8_linear_quantizes_each_row_on_its_own(engine, monkeypatch):
+# fbgemm's fixed-scale kernel; the anchored dynamic one (a torch without the first, and qnnpack on ARM)
+@pytest.mark.parametrize("engine, fixed_scale", [("x86", True), ("x86", False), ("qnnpack", False)])
+def test_int8_linear_quantizes_each_row_on_its_own(engine, fixed_scale, monkeypatch):
     if engine not in torch.backends.quantized.supported_engines:
         pytest.skip(f"quantization engine {engine} is not in this torch build")
     monkeypatch.setattr(torch.backends.quantized, "engine", engine)
@@ -99,6 +112,8 @@ def test_int8_linear_quantizes_each_row_on_its_own(engine, monkeypatch):
     linear = torch.nn.Linear(32, 16)
     x = torch.randn(4, 6, 32) * torch.logspace(-2, 2, 4)[:, None, None]  # rows of very different sizes
     int8 = Int8Linear(linear)
+    assert int8.fixed_scale_kernel == (engine == "x86")
+    int8.fixed_scale_kernel = fixed_scale
     with torch.no_grad():
         ref, out = linear(x), int8(x)
         small_alone = int8(x[0])  # the smallest rows, without the large ones that a batch-wide scale would follow
