@@ -1,9 +1,10 @@
 """Does a line's translation depend on the lines batched with it? Ours at each CPU precision, and CTranslate2.
 
-Translates the first --lines test sentences in batches of --max-tokens (as `run.py translate` does), then
-again each line alone, in batches of --small-tokens, and in 20 random batches of 32 lines (as a service
-batches the requests that arrive together); prints how many translations differ from the first. A translation toolkit should print 0 everywhere: a service batches whatever requests arrive
-together, and a user who translates the same sentence twice expects the same answer.
+Translates the first --lines test sentences in batches of --max-tokens (as `run.py translate` does),
+then again each line alone, in batches of --small-tokens, and in 20 random batches of 32 lines (as a
+service batches the requests that arrive together); prints how many translations differ from the
+first. A translation toolkit should print 0 everywhere: a user who translates the same sentence twice
+expects the same answer, whatever else was translated with it.
 
     python bench/batch_invariance.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja
 """
