@@ -25,10 +25,10 @@ ROW_SCALE, ZERO_POINT = 1 / 63, 64
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 (one scale per output row) and each row of x quantized by its own max |x|.
 
-    x / s_row goes through fbgemm's int8 GEMM at one fixed activation scale, and
-    y = s_row * (x / s_row) W^T + b: one quantization per row, independent of the other rows. Where there is no such fixed-scale kernel (the
-    qnnpack engine, on ARM; an older torch), the rows go through its dynamic kernel with two extra rows, of +1 and of -1,
-    so that the range it measures, and hence its scale, is [-1, 1] for every batch.
+    x / s_row goes through fbgemm's int8 GEMM at one fixed activation scale, and y = s_row * (x / s_row) W^T + b:
+    one quantization per row, independent of the other rows. Where there is no such fixed-scale kernel (the
+    qnnpack engine, on ARM; an older torch), the rows go through the dynamic kernel with two extra rows, of +1
+    and of -1, so that the range it measures, and hence its scale, is [-1, 1] for every batch.
     """
 
     def __init__(self, linear: nn.Linear):
