@@ -12,7 +12,9 @@ at 64 sentences: 128 measured 24% faster at beam 5 bf16 in one run).
 It prints the machine first. Each system runs at every precision it offers here (ours: 32, bf16, int8;
 Marian: fp32, bf16 and torch's dynamic int8; CTranslate2: float32, int8) and is compared at its fastest.
 bf16 is skipped on a CPU without native bf16, where it is emulated: its matmul measured 5x (AVX-512)
-to 300x (AVX2) slower than fp32 (--all-precisions runs it anyway).
+to 300x (AVX2) slower than fp32 (--all-precisions runs it anyway). Our precisions run interleaved, and
+the last lines say what `precision=auto` picks on this machine and how it does against the fastest of
+ours in each case (the goal: never more than 5% behind).
 
     python bench/decode.py --ckpt runs/x/checkpoints/best.ckpt [--data-url PATH/small_parallel_enja] [--device cuda]
 """
@@ -60,22 +62,21 @@ def run_ours(args, lines) -> list[dict]:
     refs = Path(args.data_url, f"test.{translator.info.tgt_lang}").read_text(encoding="utf-8").splitlines()
     for precision in precisions(args):
         translator.translate(lines[:32], beam_size=2, precision=precision, pretokenized=True)  # warm-up
-        for name, beam in CASES:
-            for max_tokens in args.budgets:
-                start = time.perf_counter()
-                hyps = translator.translate(lines, beam_size=beam, max_tokens=max_tokens, precision=precision,
-                                            pretokenized=True)  # the test split is in the corpus's form
-                seconds = time.perf_counter() - start
-                n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
-                bleu = corpus_scores(hyps, refs[:len(lines)], translator.info.bleu_tokenize)["bleu"]
-                rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
-                                 seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
-            for max_tokens in args.budgets:
-                start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
-                translator.translate(lines, beam_size=beam, max_tokens=max_tokens, max_len_a=0,
-                                     max_len_b=L - 1, min_len=L - 1, precision=precision, pretokenized=True)
-                rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{max_tokens} tok",
-                                 seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
+    # precisions interleaved, so that a machine that drifts in speed (a VM) tilts none of them
+    for (name, beam), max_tokens, precision in itertools.product(CASES, args.budgets, precisions(args)):
+        start = time.perf_counter()
+        hyps = translator.translate(lines, beam_size=beam, max_tokens=max_tokens, precision=precision,
+                                    pretokenized=True)  # the test split is in the corpus's form
+        seconds = time.perf_counter() - start
+        n_tok = sum(len(ids) + 1 for ids in translator.tokenizer.encode(hyps))
+        bleu = corpus_scores(hyps, refs[:len(lines)], translator.info.bleu_tokenize)["bleu"]
+        rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
+                         seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
+        start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
+        translator.translate(lines, beam_size=beam, max_tokens=max_tokens, max_len_a=0,
+                             max_len_b=L - 1, min_len=L - 1, precision=precision, pretokenized=True)
+        rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{max_tokens} tok",
+                         seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
 
 
@@ -210,6 +211,27 @@ def main():
             print(f"{case}: best seq2seq ({ours['system']}, {ours['batch']}) / " + ", ".join(
                 f"{peer} ({r['system']}, {r['batch']}) = {sentences_per_s(ours) / sentences_per_s(r):.2f}x"
                 for peer, r in best.items()))
+    print()
+    auto_against_explicit(rows, args)
+
+
+def auto_against_explicit(rows: list[dict], args) -> None:
+    """What `precision=auto` picks here, and its speed over the fastest precision of ours, per case (the
+    goal: never more than 5% behind); each precision at its best batch budget."""
+    from seq2seq.hardware import choose_precision
+
+    auto, reason = choose_precision("auto", torch.device(args.device).type, training=False, machine=this_machine())
+    print(f"precision=auto decodes at {auto} here: {reason}")
+    for case in dict.fromkeys(r["case"] for r in rows if r["system"].startswith("seq2seq")):
+        speed = {}  # precision -> its best sentences/s in this case
+        for r in rows:
+            if r["case"] == case and r["system"].startswith("seq2seq "):
+                precision = r["system"].removeprefix("seq2seq ")
+                speed[precision] = max(speed.get(precision, 0.0), sentences_per_s(r))
+        fastest = max(speed, key=speed.get)
+        ratio = f"{speed[auto] / speed[fastest]:.2f}x" if auto in speed else "not measured"
+        print(f"{case}: auto ({auto}) / fastest ({fastest}) = {ratio}; " + ", ".join(
+            f"{p} {v / speed[fastest]:.2f}x" for p, v in speed.items()))
 
 
 def sentences_per_s(row: dict) -> float:

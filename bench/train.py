@@ -6,6 +6,7 @@ tokens per second, printed with the ratio and the fraction of the machine's meas
 each step reaches. It prints the machine first. Each system runs in fp32 and in bf16 autocast and is
 compared at its faster one; bf16 is skipped on a CPU without native bf16, where it is emulated:
 its matmul measured 5x (AVX-512) to 300x (AVX2) slower than fp32 (--all-precisions runs it anyway).
+The last line says what `precision=auto` trains at on this machine, against the fastest of ours.
 
     python bench/train.py --data-url PATH/small_parallel_enja [--steps 20] [--model small] [--device cuda]
 """
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from seq2seq.config import build_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
-from seq2seq.hardware import machine_report, matmul_peak, synchronize, this_machine
+from seq2seq.hardware import choose_precision, machine_report, matmul_peak, synchronize, this_machine
 from seq2seq.lit_module import OptimConfig, TranslationModule
 from seq2seq.model import ModelConfig, Transformer
 
@@ -164,6 +165,10 @@ def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict,
               f"{achieved / peak[bf16]:>16.0%}")
     best_ours = max((n for n in rate if n.startswith("seq2seq")), key=rate.get)
     print(f"\nbest seq2seq ({best_ours}) / best Marian ({best_peer}): {rate[best_ours] / rate[best_peer]:.2f}x")
+    auto, reason = choose_precision("auto", torch.device(device).type, training=True, machine=this_machine())
+    measured = f"seq2seq {'fp32' if auto == '32' else auto}"
+    ratio = f"{rate[measured] / rate[best_ours]:.2f}x" if measured in rate else "not measured"
+    print(f"precision=auto trains at {auto} here ({reason}): auto / fastest of ours ({best_ours}) = {ratio}")
 
 
 if __name__ == "__main__":
