@@ -39,7 +39,7 @@ class Machine:
     cuda: bool
     cuda_bf16: bool
     gpu: str  # the CUDA device's name, "" without one
-    cpu_int8: bool = True  # this torch build runs the quantized CPU kernels of seq2seq/int8.py
+    cpu_int8: bool = True  # this torch build and CPU run int8 decoding (seq2seq/int8.py: int8_kernel)
 
     def describe(self) -> str:
         gpu = f"GPU {self.gpu} (bf16: {'yes' if self.cuda_bf16 else 'no'})" if self.cuda else "no GPU"
@@ -71,9 +71,9 @@ def cpu_isa() -> tuple[str, bool]:
 
 
 def cpu_int8_kernels() -> bool:
-    """Whether this torch build still runs the quantized CPU linear kernels that int8 decoding uses (one
-    tiny Int8Linear, built and run): PyTorch has announced their removal (in favour of torchao), and
-    torch>=2.3 is all we ask for."""
+    """Whether this torch build and CPU run int8 decoding (one tiny Int8Linear, built and run): through
+    PyTorch's quantized CPU kernels, whose removal PyTorch has announced (torch>=2.3 is all we ask for),
+    or, without them, through torch._int_mm on a CPU with VNNI (`seq2seq.int8.int8_kernel`)."""
     from seq2seq.int8 import Int8Linear  # here: the model code is not needed to read the machine otherwise
 
     try:
@@ -115,7 +115,7 @@ def choose_precision(requested, device: str, training: bool, machine: Machine) -
                            f"for {'training' if training else 'a GPU'}")
     if name == "int8" and not machine.cpu_int8:
         raise Seq2SeqError(f"precision=int8: torch {torch.__version__} has no quantized CPU kernels "
-                           "(torch.ops.quantized); use auto or 32")
+                           "(torch.ops.quantized), and torch._int_mm needs a CPU with VNNI; use auto or 32")
     if name == "16" and device == "cpu":
         raise Seq2SeqError("precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); use auto, 32 or bf16")
     if name != "auto":

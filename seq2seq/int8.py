@@ -8,6 +8,10 @@ their own 0 of 300. (What is left: attention over a batch's padding changes fp32
 bit, which can move a value across a rounding step; measured, 1 of 500 lines alone and 3 of 640 in
 random batches of 32 changed, near-ties of the beam; fp32 0.) The integer dot products are fbgemm's
 (VNNI or AVX2). Attention scores, softmax and LayerNorm stay in fp32.
+
+PyTorch has announced the removal of its quantized CPU kernels (torch.ao, torch.ops.quantized). A torch
+without them multiplies through `torch._int_mm` instead, a core ATen op, on CPUs with VNNI (integer dot
+products that cannot saturate): measured 0.94-0.98x the fbgemm path, still 1.2x fp32 (docs/benchmarks.md).
 """
 import warnings
 
@@ -20,29 +24,69 @@ from seq2seq.model import FeedForward, Transformer
 # Rows scaled into [-1, 1] are quantized with this fixed scale and zero point to 1..127: seven bits, as
 # fbgemm's reduce_range keeps its u8 x s8 products from saturating on CPUs without VNNI.
 ROW_SCALE, ZERO_POINT = 1 / 63, 64
+FIXED_SCALE_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def quantized_ops() -> bool:
+    """Whether this torch still has the quantized CPU kernels (torch.ops.quantized) that PyTorch means to remove."""
+    return all(hasattr(torch.ops.quantized, op) for op in ("linear_prepack", "linear_dynamic")) and \
+        hasattr(torch, "quantize_per_channel")
+
+
+def vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI): u8 x s8 dot products into int32, no saturation."""
+    return getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+
+
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm gives exact int32 sums here, extreme values included (no saturation)."""
+    try:
+        a = torch.tensor([[127, -127] * 32, [-127, -127] * 32], dtype=torch.int8)  # (2, 64)
+        b = torch.full((64, 8), -127, dtype=torch.int8)
+        return torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int())
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def int8_kernel() -> str:
+    """The integer matrix product this torch and CPU offer, best first (measured on an AVX-512 CPU):
+    "fixed"    fbgemm's kernel at one fixed activation scale (the x86 engine);
+    "dynamic"  the quantized engine's dynamic kernel, its range pinned by two anchor rows (qnnpack on ARM);
+    "int_mm"   torch._int_mm, for a torch without the quantized kernels, on a CPU with VNNI;
+    ""         none: int8 decoding is not offered (`auto` decodes in fp32).
+    """
+    if quantized_ops():
+        fixed = torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(torch.ops.quantized, FIXED_SCALE_OP)
+        return "fixed" if fixed else "dynamic"
+    return "int_mm" if vnni() and int_mm_exact() else ""
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 (one scale per output row) and each row of x quantized by its own max |x|.
 
-    x / s_row goes through fbgemm's int8 GEMM at one fixed activation scale, and y = s_row * (x / s_row) W^T + b:
-    one quantization per row, independent of the other rows. Where there is no such fixed-scale kernel (the
-    qnnpack engine, on ARM; an older torch), the rows go through the dynamic kernel with two extra rows, of +1
+    x / s_row goes through an int8 GEMM (`int8_kernel`) at one fixed activation scale, and y = s_row * (x / s_row) W^T
+    + b: one quantization per row, independent of the other rows. The dynamic kernel gets two extra rows, of +1
     and of -1, so that the range it measures, and hence its scale, is [-1, 1] for every batch.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.kernel = int8_kernel()
+        if not self.kernel:
+            raise NotImplementedError(f"torch {torch.__version__} has no quantized CPU kernels, and torch._int_mm "
+                                      "needs a CPU with VNNI")
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): symmetric, per output channel
-        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao, whose CPU
-            warnings.simplefilter("ignore")  # int8 path measured 3.5x slower than fbgemm's in eager mode
-            q_weight = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
-                                                  0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q_weight, None)
+        if self.kernel == "int_mm":
+            self.q_weight_t = torch.round(weight / scale[:, None]).to(torch.int8).t()  # (in, out)
+            self.out_scale = scale / 127  # rows are quantized to -127..127
+        else:
+            with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao, whose CPU
+                warnings.simplefilter("ignore")  # int8 path measured 3.5x slower than fbgemm's in eager mode
+                q_weight = torch.quantize_per_channel(weight, scale.double(),
+                                                      torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(q_weight, None)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.fixed_scale_kernel = (torch.backends.quantized.engine in ("x86", "fbgemm")
-                                   and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +96,16 @@ class Int8Linear(nn.Module):
 
     def scaled(self, rows: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         """x W^T + b from rows = x / row_scale (..., in), each in [-1, 1], and row_scale (..., 1)."""
-        if self.fixed_scale_kernel:
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, ROW_SCALE, ZERO_POINT,
-                                                                                   self.packed)
-        else:
+        if self.kernel == "fixed":
+            y = getattr(torch.ops.quantized, FIXED_SCALE_OP)(rows, ROW_SCALE, ZERO_POINT, self.packed)
+        elif self.kernel == "dynamic":
             anchor = torch.tensor([[1.0], [-1.0]]).expand(2, self.in_features)
             flat = torch.cat([rows.reshape(-1, self.in_features), anchor])  # (N + 2, in)
             y = torch.ops.quantized.linear_dynamic(flat, self.packed, reduce_range=True)[:-2]
+            y = y.view(*rows.shape[:-1], self.out_features)
+        else:
+            q = rows.reshape(-1, self.in_features).mul(127).round_().to(torch.int8)  # (N, in)
+            y = torch._int_mm(q, self.q_weight_t).float().mul_(self.out_scale)
             y = y.view(*rows.shape[:-1], self.out_features)
         return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale)
 

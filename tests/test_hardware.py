@@ -8,7 +8,8 @@ import torch
 from seq2seq import Seq2SeqError
 from seq2seq.hardware import (Machine, choose_precision, cpu_int8_kernels, precision_name, resolve_device,
                               training_precision)
-from seq2seq.int8 import Int8Linear, Int8Transformer
+import seq2seq.int8
+from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
 from seq2seq.translator import Translator
@@ -90,7 +91,16 @@ def test_devices():
         resolve_device("tpu", AMX)
 
 
-def test_int8_model_is_close_to_fp32(tiny_model):
+def use_kernel(kernel: str, monkeypatch) -> None:
+    """Build int8 layers with this kernel; torch._int_mm only where it is exact (it is never used elsewhere)."""
+    if kernel == "int_mm" and not int_mm_exact():
+        pytest.skip("torch._int_mm saturates on this CPU, which therefore never uses it")
+    monkeypatch.setattr(seq2seq.int8, "int8_kernel", lambda: kernel)
+
+
+@pytest.mark.parametrize("kernel", ["fixed", "int_mm"])
+def test_int8_model_is_close_to_fp32(tiny_model, kernel, monkeypatch):
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     src = torch.randint(4, tiny_model.cfg.vocab_size, (3, 7))
     tgt = torch.randint(4, tiny_model.cfg.vocab_size, (3, 5))
@@ -102,18 +112,21 @@ def test_int8_model_is_close_to_fp32(tiny_model):
     assert tiny_model.encoder_layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original untouched
 
 
-# fbgemm's fixed-scale kernel; the anchored dynamic one (a torch without the first, and qnnpack on ARM)
-@pytest.mark.parametrize("engine, fixed_scale", [("x86", True), ("x86", False), ("qnnpack", False)])
-def test_int8_linear_quantizes_each_row_on_its_own(engine, fixed_scale, monkeypatch):
+# fbgemm's fixed-scale kernel; the anchored dynamic one (qnnpack on ARM, an older torch); torch._int_mm (a torch
+# without quantized kernels)
+@pytest.mark.parametrize("engine, kernel", [("x86", "fixed"), ("x86", "dynamic"), ("qnnpack", "dynamic"),
+                                            ("x86", "int_mm")])
+def test_int8_linear_quantizes_each_row_on_its_own(engine, kernel, monkeypatch):
     if engine not in torch.backends.quantized.supported_engines:
         pytest.skip(f"quantization engine {engine} is not in this torch build")
     monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    assert int8_kernel() == ("fixed" if engine == "x86" else "dynamic")  # what this torch picks by itself
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 16)
     x = torch.randn(4, 6, 32) * torch.logspace(-2, 2, 4)[:, None, None]  # rows of very different sizes
     int8 = Int8Linear(linear)
-    assert int8.fixed_scale_kernel == (engine == "x86")
-    int8.fixed_scale_kernel = fixed_scale
+    assert int8.kernel == kernel
     with torch.no_grad():
         ref, out = linear(x), int8(x)
         small_alone = int8(x[0])  # the smallest rows, without the large ones that a batch-wide scale would follow
@@ -121,9 +134,24 @@ def test_int8_linear_quantizes_each_row_on_its_own(engine, fixed_scale, monkeypa
     assert ((out - ref).abs().amax(-1) <= 0.03 * ref.abs().amax(-1)).all()  # each row within 3% of its own size
 
 
-def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model):
+@pytest.mark.parametrize("has_vnni, exact, kernel", [(True, True, "int_mm"), (False, True, ""), (True, False, "")])
+def test_a_torch_without_quantized_kernels_multiplies_through_int_mm_where_the_cpu_allows(has_vnni, exact, kernel,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(seq2seq.int8, "quantized_ops", lambda: False)
+    monkeypatch.setattr(seq2seq.int8, "vnni", lambda: has_vnni)
+    monkeypatch.setattr(seq2seq.int8, "int_mm_exact", lambda: exact)
+    assert int8_kernel() == kernel
+    assert cpu_int8_kernels() == bool(kernel)  # what `auto` and precision=int8 go by
+    if not kernel:
+        with pytest.raises(NotImplementedError, match="VNNI"):
+            Int8Linear(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("kernel", ["fixed", "int_mm"])
+def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, kernel, monkeypatch):
     """Through the KV cache too: a sentence's hypotheses and scores do not depend on the sentences batched
     with it (a batch-wide activation scale changed tokens here, and scores by up to 0.02)."""
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     src = torch.randint(4, tiny_model.cfg.vocab_size, (6, 12))
     src[1, 5:], src[3, 2:] = tiny_model.cfg.pad_id, tiny_model.cfg.pad_id
