@@ -39,10 +39,11 @@ def vnni() -> bool:
 
 
 def int_mm_exact() -> bool:
-    """Whether torch._int_mm gives exact int32 sums here, extreme values included (no saturation)."""
+    """Whether torch._int_mm gives exact int32 sums here, extreme values included: without VNNI, pairs of
+    u8 x s8 products are summed in 16 bits, and 255 * 127 * 2 does not fit."""
     try:
-        a = torch.tensor([[127, -127] * 32, [-127, -127] * 32], dtype=torch.int8)  # (2, 64)
-        b = torch.full((64, 8), -127, dtype=torch.int8)
+        a = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)  # (3, 64)
+        b = a.t().contiguous()  # (64, 3): every sign pattern against every other
         return torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int())
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
