@@ -90,6 +90,13 @@ def remember_job() -> None:
                                             "output_dir": job.runtime.output_dir})
 
 
+def fit_threads() -> None:
+    """No more torch threads than the CPUs this process may use (a container's quota: seq2seq/hardware.py)."""
+    from seq2seq.hardware import fit_threads_to_cpu_budget
+
+    fit_threads_to_cpu_budget()
+
+
 def record_failure(message: str) -> None:
     """Leave error.txt in the job's own directory, so `run.py report` shows the run as failed."""
     job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -106,6 +113,7 @@ def one_line_errors(task):
     @functools.wraps(task)
     def wrapped(cfg):
         remember_job()
+        fit_threads()
         try:
             return task(cfg)
         except (Seq2SeqError, OSError, OmegaConfBaseException) as e:  # OSError: a full disk (names the file)

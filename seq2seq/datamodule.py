@@ -32,6 +32,7 @@ from seq2seq.corpora import SPLITS, DataConfig, aligned_lines, clean_line, corpu
 from seq2seq.data import (ParallelDataset, ResumableDataLoader, TokenArray, TokenArrayWriter,
                           TokenBatchSampler, collate)
 from seq2seq.files import atomic_write
+from seq2seq.hardware import cpu_budget
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,8 @@ def encode_chunk(pairs: list[tuple[str, str]]) -> tuple[list[np.ndarray], int]:
 
 
 def preparation_workers(cfg: DataConfig) -> int:
-    """data.prepare_workers, or one per core this process may use."""
-    if cfg.prepare_workers:
-        return cfg.prepare_workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """data.prepare_workers, or one per CPU this process may use (a container's quota included)."""
+    return cfg.prepare_workers or cpu_budget()
 
 
 def in_order(fn, jobs, cfg: DataConfig, job_args: tuple):

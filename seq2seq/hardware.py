@@ -13,6 +13,7 @@ choice is the machine's, made at run time, never a constant tuned on whichever m
 """
 import functools
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -166,6 +167,27 @@ def resolve_device(device: str, machine: Machine) -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise Seq2SeqError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return resolved
+
+
+def cpu_budget() -> int:
+    """The CPUs this process may use: the fewest of the machine's, its affinity mask's and a container's CPU
+    quota (cgroup v1 or v2: `docker --cpus`, a Kubernetes limit), as joblib counts them. torch counts cores."""
+    from joblib import cpu_count
+
+    return cpu_count()
+
+
+def fit_threads_to_cpu_budget() -> None:
+    """One torch thread per CPU this process may use, where torch would start more: it does not read a
+    container's CPU quota, and threads beyond the quota only wait for each other (measured in a 1-CPU
+    quota on a 2-core Xeon: beam 5 at 61-74 sentences/s with torch's 2 threads, 87-95 with 1).
+    OMP_NUM_THREADS, when set, wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    budget, threads = cpu_budget(), torch.get_num_threads()
+    if threads > budget:
+        log.info("threads %d: the CPUs this process may use (torch would start %d)", budget, threads)
+        torch.set_num_threads(budget)
 
 
 @functools.cache

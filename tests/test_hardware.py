@@ -6,8 +6,8 @@ import sacrebleu
 import torch
 
 from seq2seq import Seq2SeqError
-from seq2seq.hardware import (Machine, choose_precision, cpu_int8_kernels, precision_name, resolve_device,
-                              training_precision)
+from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_kernels, fit_threads_to_cpu_budget,
+                              precision_name, resolve_device, training_precision)
 import seq2seq.int8
 from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
@@ -45,6 +45,27 @@ def test_a_torch_without_int8_kernels_decodes_in_fp32_and_refuses_int8_in_one_li
     with pytest.raises(Seq2SeqError, match=r"precision=int8: torch .* has no quantized CPU kernels"):
         choose_precision("int8", "cpu", False, no_int8)
     assert cpu_int8_kernels()  # this torch has them (the other tests decode in int8)
+
+
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """A container's CPU quota (joblib reads it; LOKY_MAX_CPU_COUNT stands in for one here) caps torch's threads."""
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    try:
+        assert cpu_budget() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting wins
+        fit_threads_to_cpu_budget()
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        fit_threads_to_cpu_budget()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "4")  # a budget above torch's count leaves it alone
+        fit_threads_to_cpu_budget()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_reason_names_what_the_cpu_lacks():
