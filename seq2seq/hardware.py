@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +173,9 @@ def resolve_device(device: str, machine: Machine) -> torch.device:
 def cpu_budget() -> int:
     """The CPUs this process may use: the fewest of the machine's, its affinity mask's and a container's CPU
     quota (cgroup v1 or v2: `docker --cpus`, a Kubernetes limit), as joblib counts them. torch counts cores."""
-    from joblib import cpu_count
+    with warnings.catch_warnings():  # joblib's import probes for semaphores and warns where it cannot make
+        warnings.simplefilter("ignore")  # one (a process limit): its parallel mode, which we do not use
+        from joblib import cpu_count
 
     return cpu_count()
 
