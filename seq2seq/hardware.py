@@ -193,6 +193,19 @@ def fit_threads_to_cpu_budget() -> None:
         torch.set_num_threads(budget)
 
 
+def share_cpu_budget(processes: int) -> None:
+    """Before Lightning starts `processes` CPU processes on this machine: it gives each cores // processes
+    threads, from the cores it sees (OMP_NUM_THREADS unset); where a container's quota allows fewer CPUs,
+    each gets its share of the quota instead, through OMP_NUM_THREADS, which Lightning and the processes
+    it starts then keep."""
+    visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    budget = cpu_budget()
+    if processes > 1 and budget < visible and not os.environ.get("OMP_NUM_THREADS"):
+        share = max(1, budget // processes)
+        log.info("threads %d in each of %d processes: the CPUs they may use (%d) shared", share, processes, budget)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
 @functools.cache
 def this_machine() -> Machine:
     """`probe_machine()`, once per process."""

@@ -22,7 +22,7 @@ from seq2seq.config import build_config, run_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
-from seq2seq.hardware import this_machine, training_precision
+from seq2seq.hardware import share_cpu_budget, this_machine, training_precision
 from seq2seq.lit_module import MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
@@ -148,6 +148,8 @@ def train_job(cfg: DictConfig) -> float:
         batches = len(datamodule.train_dataloader())
         trainer_cfg["val_check_interval"], trainer_cfg["check_val_every_n_epoch"] = validation_interval(batches)
     trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())
+    if trainer_cfg["accelerator"] == "cpu" and isinstance(trainer_cfg["devices"], int):
+        share_cpu_budget(trainer_cfg["devices"])  # DDP ranks on this machine's CPUs
     if trainer_cfg.get("max_time"):
         callbacks.append(BudgetSchedule(optim_cfg.max_warmup_share))
     if trainer_cfg.pop("logger"):

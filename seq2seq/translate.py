@@ -108,7 +108,7 @@ def translate_sharded(cfg: DictConfig, search: SearchConfig) -> None:
     import torch.distributed as dist
     from lightning.fabric import Fabric
 
-    from seq2seq.hardware import resolve_device, this_machine
+    from seq2seq.hardware import resolve_device, share_cpu_budget, this_machine
 
     if str(cfg.input) == "-":
         raise Seq2SeqError("devices=N reads the input in every process: give input=FILE, not stdin")
@@ -118,6 +118,8 @@ def translate_sharded(cfg: DictConfig, search: SearchConfig) -> None:
         raise Seq2SeqError(f"device={search.device} with devices={cfg.devices}: each process takes its own GPU; "
                            "give device=cuda (or auto)")
     device = resolve_device(search.device, this_machine())
+    if device.type == "cpu":
+        share_cpu_budget(cfg.devices)
     try:
         fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy="ddp")
     except Exception as e:  # Lightning's MisconfigurationException: more GPUs asked for than there are

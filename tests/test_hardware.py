@@ -1,14 +1,16 @@
 """The precision and device chosen from the hardware (its answers faked), and int8 decoding against fp32."""
 import dataclasses
+import os
 
 import pytest
 import sacrebleu
 import torch
 
+import seq2seq.hardware
+import seq2seq.int8
 from seq2seq import Seq2SeqError
 from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_kernels, fit_threads_to_cpu_budget,
-                              precision_name, resolve_device, training_precision)
-import seq2seq.int8
+                              precision_name, resolve_device, share_cpu_budget, training_precision)
 from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
@@ -66,6 +68,21 @@ def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cpu_processes_share_a_quota_instead_of_the_cores(monkeypatch):
+    """DDP ranks on CPUs: each gets its share of the CPUs the process may use, where that is fewer than it sees."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # 16 cores seen
+    monkeypatch.setattr(seq2seq.hardware, "cpu_budget", lambda: 16)  # no quota: Lightning's own rule stands
+    share_cpu_budget(2)
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setattr(seq2seq.hardware, "cpu_budget", lambda: 4)  # a 4-CPU quota: 2 threads each
+    share_cpu_budget(2)
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    share_cpu_budget(2)
+    assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
 def test_the_reason_names_what_the_cpu_lacks():
