@@ -218,9 +218,12 @@ def main():
 def auto_against_explicit(rows: list[dict], args) -> None:
     """What `precision=auto` picks here, and its speed over the fastest precision of ours, per case (the
     goal: never more than 5% behind); each precision at its best batch budget."""
+    from seq2seq.checkpoint import load_checkpoint
     from seq2seq.hardware import choose_precision
 
-    auto, reason = choose_precision("auto", torch.device(args.device).type, training=False, machine=this_machine())
+    d_model = load_checkpoint(args.ckpt)["seq2seq"]["model_config"]["d_model"]
+    auto, reason = choose_precision("auto", torch.device(args.device).type, training=False, machine=this_machine(),
+                                    d_model=d_model)
     print(f"precision=auto decodes at {auto} here: {reason}")
     for case in dict.fromkeys(r["case"] for r in rows if r["system"].startswith("seq2seq")):
         speed = {}  # precision -> its best sentences/s in this case

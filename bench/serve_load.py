@@ -159,7 +159,8 @@ def main():
             service.terminate()
             service.wait(timeout=60)
 
-    precision = choose_precision(args.precision, "cpu", training=False, machine=this_machine())[0]
+    precision = choose_precision(args.precision, "cpu", training=False, machine=this_machine(),
+                                 d_model=translator.model.cfg.d_model)[0]
     print(f"\nservice: beam {args.beam_size}, precision {args.precision} ({precision}); {args.requests} one-sentence requests from {args.clients} clients; "
           f"one batch job: {args.requests / batch_s:.1f} sentences/s")
     print("| batch_max_ms | errors | unlike offline | p50 ms | p99 ms | sentences/s | of the batch job |")

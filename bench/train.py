@@ -165,7 +165,8 @@ def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict,
               f"{achieved / peak[bf16]:>16.0%}")
     best_ours = max((n for n in rate if n.startswith("seq2seq")), key=rate.get)
     print(f"\nbest seq2seq ({best_ours}) / best Marian ({best_peer}): {rate[best_ours] / rate[best_peer]:.2f}x")
-    auto, reason = choose_precision("auto", torch.device(device).type, training=True, machine=this_machine())
+    auto, reason = choose_precision("auto", torch.device(device).type, training=True, machine=this_machine(),
+                                    d_model=cfg.model.d_model)
     measured = f"seq2seq {'fp32' if auto == '32' else auto}"
     ratio = f"{rate[measured] / rate[best_ours]:.2f}x" if measured in rate else "not measured"
     print(f"precision=auto trains at {auto} here ({reason}): auto / fastest of ours ({best_ours}) = {ratio}")

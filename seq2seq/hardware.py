@@ -10,6 +10,9 @@ One vocabulary of precision names for training and decoding:
 Why: on a CPU without native bfloat16 (AVX2, or AVX-512 without its BF16 extension) a bf16 matmul is
 emulated and measured 44-300x slower than fp32; with AVX512-BF16 or AMX it is 4-7x faster. So the
 choice is the machine's, made at run time, never a constant tuned on whichever machine we had.
+On a CPU the model's width counts too: a reduced precision saves matmul time, which grows as d_model
+squared per token, and costs casts and quantization, which grow as d_model, plus a oneDNN kernel
+compiled for every new matmul shape in bf16; below CPU_REDUCED_MIN_D_MODEL the costs win.
 """
 import functools
 import logging
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "32", "bf16", "16", "int8")
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16}  # 32 and int8 run without autocast
+# `auto` on a CPU keeps narrower models in fp32. Measured on a 2-core AMX Xeon (docs/benchmarks.md), bf16 / fp32:
+# d_model 64 (experiment=smoke) training 0.45-0.50x in wall time, greedy decoding 0.74x (int8 0.67x);
+# d_model 128 training 1.01x; d_model 256 (model=small) training 2.07x. On a Zen 5 EPYC (AVX512-BF16):
+# d_model 64 training 0.80x
+CPU_REDUCED_MIN_D_MODEL = 128
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,14 @@ def precision_name(value) -> str:
     return name
 
 
-def choose_precision(requested, device: str, training: bool, machine: Machine) -> tuple[str, str]:
-    """The precision to run at, and why: `auto` decided from the hardware; an explicit choice checked.
+def choose_precision(requested, device: str, training: bool, machine: Machine,
+                     d_model: int | None = None) -> tuple[str, str]:
+    """The precision to run at, and why: `auto` decided from the hardware and the model's width; an explicit
+    choice checked.
 
     Args: requested in either vocabulary (`precision_name`); device "cpu" or "cuda" (the accelerator's type);
-    training: True for `run.py train` (int8 is for decoding only).
+    training: True for `run.py train` (int8 is for decoding only); d_model: the model's width (None: not
+    known, taken as wide enough).
     Returns: (one of 32, bf16, 16, int8; a reason to log).
     """
     name = precision_name(requested)
@@ -129,6 +140,9 @@ def choose_precision(requested, device: str, training: bool, machine: Machine) -
         if machine.cuda_bf16:
             return "bf16", f"{machine.gpu or 'this GPU'} computes in bf16 natively"
         return "16", f"{machine.gpu or 'this GPU'} has no bf16: float16 with a gradient scaler"
+    if d_model is not None and d_model < CPU_REDUCED_MIN_D_MODEL:
+        return "32", (f"d_model {d_model} < {CPU_REDUCED_MIN_D_MODEL}: on a CPU a model this narrow runs fastest "
+                      "in fp32 (casts and kernel set-up outweigh the smaller matmuls)")
     if training:
         if machine.cpu_native_bf16:
             return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
@@ -143,10 +157,11 @@ def choose_precision(requested, device: str, training: bool, machine: Machine) -
     return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
 
 
-def training_precision(requested, accelerator: str, machine: Machine) -> str:
+def training_precision(requested, accelerator: str, machine: Machine, d_model: int | None = None) -> str:
     """Lightning's name for the precision to train at on `accelerator` (cpu, gpu, cuda, auto), logged with why."""
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.cuda)
-    precision, reason = choose_precision(requested, "cuda" if cuda else "cpu", training=True, machine=machine)
+    precision, reason = choose_precision(requested, "cuda" if cuda else "cpu", training=True, machine=machine,
+                                         d_model=d_model)
     log_choice("training", precision, reason)
     return LIGHTNING_PRECISION[precision]
 

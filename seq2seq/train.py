@@ -147,7 +147,8 @@ def train_job(cfg: DictConfig) -> float:
     if trainer_cfg["val_check_interval"] == "auto":
         batches = len(datamodule.train_dataloader())
         trainer_cfg["val_check_interval"], trainer_cfg["check_val_every_n_epoch"] = validation_interval(batches)
-    trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine())
+    trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine(),
+                                                model_cfg.d_model)
     if trainer_cfg["accelerator"] == "cpu" and isinstance(trainer_cfg["devices"], int):
         share_cpu_budget(trainer_cfg["devices"])  # DDP ranks on this machine's CPUs
     if trainer_cfg.get("max_time"):

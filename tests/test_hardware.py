@@ -40,6 +40,19 @@ def test_auto_follows_the_hardware(machine, device, training_choice, decoding_ch
         assert reason  # logged with the choice
 
 
+@pytest.mark.parametrize("machine", [AVX2, AVX512, ZEN5, AMX])
+def test_auto_keeps_a_narrow_model_in_fp32_on_a_cpu(machine):
+    """Below CPU_REDUCED_MIN_D_MODEL, casts and kernel set-up cost a CPU more than bf16 or int8 saves."""
+    narrow, wide = seq2seq.hardware.CPU_REDUCED_MIN_D_MODEL - 1, seq2seq.hardware.CPU_REDUCED_MIN_D_MODEL
+    for training in (True, False):
+        precision, reason = choose_precision("auto", "cpu", training, machine, d_model=narrow)
+        assert precision == "32" and f"d_model {narrow}" in reason
+        assert choose_precision("auto", "cpu", training, machine, d_model=wide) == \
+            choose_precision("auto", "cpu", training, machine)  # as wide as that: the machine decides alone
+        assert choose_precision("bf16", "cpu", training, machine, d_model=narrow)[0] == "bf16"  # asked: as asked
+    assert choose_precision("auto", "cuda", True, H200, d_model=narrow)[0] == "bf16"  # a GPU: the width does not count
+
+
 def test_a_torch_without_int8_kernels_decodes_in_fp32_and_refuses_int8_in_one_line():
     no_int8 = dataclasses.replace(AVX2, cpu_int8=False)
     precision, reason = choose_precision("auto", "cpu", False, no_int8)
@@ -118,6 +131,7 @@ def test_training_precision_speaks_lightnings_names():
     assert training_precision("auto", "gpu", T4) == "16-mixed"
     assert training_precision("auto", "auto", H200) == "bf16-mixed"
     assert training_precision(32, "gpu", H200) == "32-true"
+    assert training_precision("auto", "cpu", AMX, d_model=64) == "32-true"
 
 
 def test_devices():
