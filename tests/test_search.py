@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from seq2seq.attention import KVCache
-from seq2seq.search import SearchConfig, beam_search, blockwise_topk, greedy_search
+from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
+                            greedy_search)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.conftest import batch
 
@@ -22,6 +23,22 @@ def test_cached_decode_steps_equal_full_recomputation(tiny_model):
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache[0]["self"].key.shape == (3, 2, tgt.size(1), 16)  # (B, H, T, d_head)
     assert cache[0]["cross"]["key"].shape == (3, 2, src.size(1), 16)  # projected once, reused
+
+
+def test_encoding_by_length_gives_each_row_its_memory_of_a_whole_batch_encode(tiny_model):
+    """A large batch of mixed lengths is encoded in groups cut to their own longest row: the real positions'
+    memory is the whole batch's (the padding's is masked, as before)."""
+    torch.manual_seed(0)
+    B, S = 3 * ENCODE_GROUP_ROWS + 5, 24
+    lengths = torch.randint(1, S + 1, (B,))
+    lengths[0] = S  # one row as long as the batch: most rows are padded by far
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (B, S))
+    src[torch.arange(S) >= lengths[:, None]] = PAD_ID
+    pad_mask = tiny_model.pad_mask(src)
+    with torch.no_grad():
+        whole, grouped = tiny_model.encode(src, pad_mask), encode_by_length(tiny_model, src, pad_mask)
+    real = ~pad_mask
+    torch.testing.assert_close(grouped[real], whole[real], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_equals_argmax_of_full_recomputation(tiny_model):
