@@ -21,6 +21,7 @@ and each row reports its fastest round, so that a machine whose speed drifts (a 
 """
 import argparse
 import copy
+import importlib.util
 import itertools
 import json
 import resource
@@ -186,7 +187,11 @@ def main():
     if not (args.device.startswith("cuda") or this_machine().cpu_native_bf16 or args.all_precisions):
         print(f"bf16 rows skipped: this CPU has no native bf16 ({this_machine().cpu_isa}), where bf16 is emulated, "
               "several to hundreds of times slower than fp32 (--all-precisions runs them anyway)")
-    children = ["seq2seq", "marian", "ctranslate2"]
+    children = ["seq2seq", "marian"]
+    if importlib.util.find_spec("ctranslate2"):
+        children.append("ctranslate2")
+    else:
+        print("CTranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
     rounds = [run_children(children, args) for _ in range(args.rounds)]  # systems alternate, round after round
     rows = fastest_rounds(rounds)
     print(f"{len(lines)} sentences, {torch.get_num_threads()} threads, device {args.device}, "
@@ -215,13 +220,9 @@ def main():
 def run_children(children: list[str], args) -> list[dict]:
     """One round: each system in its own process, one after another; their rows."""
     rows = []
-    for child in list(children):
+    for child in children:
         proc = subprocess.run([sys.executable, __file__, "--child", child, *sys.argv[1:]], capture_output=True,
                               text=True)
-        if proc.returncode and child == "ctranslate2" and "No module named 'ctranslate2'" in proc.stderr:
-            print("CTranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
-            children.remove(child)  # and from the rounds to come
-            continue
         if proc.returncode:
             sys.exit(f"{child} failed:\n{proc.stderr[-2000:]}")
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
