@@ -9,7 +9,9 @@ One vocabulary of precision names for training and decoding:
 
 Why: on a CPU without native bfloat16 (AVX2, or AVX-512 without its BF16 extension) a bf16 matmul is
 emulated and measured 44-300x slower than fp32; with AVX512-BF16 or AMX it is 4-7x faster. So the
-choice is the machine's, made at run time, never a constant tuned on whichever machine we had.
+choice is the machine's, made at run time, never a constant tuned on whichever machine we had. The CPU's
+flags are checked against a timed bf16 matmul where they claim native bf16: a cap on the kernels'
+instructions (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon: 0.005x fp32) makes it emulated all the same.
 On a CPU the model's width counts too: a reduced precision saves matmul time, which grows as d_model
 squared per token, and costs casts and quantization, which grow as d_model, plus a oneDNN kernel
 compiled for every new matmul shape in bf16; below CPU_REDUCED_MIN_D_MODEL the costs win.
@@ -50,10 +52,12 @@ class Machine:
     cuda_bf16: bool
     gpu: str  # the CUDA device's name, "" without one
     cpu_int8: bool = True  # this torch build and CPU run int8 decoding (seq2seq/int8.py: int8_kernel)
+    isa_caps: str = ""  # instruction-set caps set in the environment (`isa_caps()`), "" for none
 
     def describe(self) -> str:
         gpu = f"GPU {self.gpu} (bf16: {'yes' if self.cuda_bf16 else 'no'})" if self.cuda else "no GPU"
-        return f"CPU {self.cpu_model} ({self.cpu_isa}), {self.threads} threads, {gpu}, torch {torch.__version__}"
+        caps = f", capped by {self.isa_caps}" if self.isa_caps and self.isa_caps not in self.cpu_isa else ""
+        return f"CPU {self.cpu_model} ({self.cpu_isa}{caps}), {self.threads} threads, {gpu}, torch {torch.__version__}"
 
 
 def cpu_model() -> str:
@@ -80,6 +84,40 @@ def cpu_isa() -> tuple[str, bool]:
     return torch.backends.cpu.get_cpu_capability(), False
 
 
+# Environment variables that cap the instructions a library's kernels use, whatever the CPU has: oneDNN (torch's
+# bf16 matmuls), ATen's own kernels, MKL (fp32 matmuls), fbgemm (int8) and CTranslate2.
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                     "FBGEMM_ENABLE_INSTRUCTIONS", "CT2_FORCE_CPU_ISA")
+
+
+def isa_caps() -> str:
+    """The instruction-set caps set in this process's environment, e.g. "ONEDNN_MAX_CPU_ISA=AVX2"; "" for none."""
+    return ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name))
+
+
+def bf16_matmul_speedup(n: int = 512) -> float:
+    """How many times faster an n x n bf16 matmul runs than fp32 here: best of 3 after a warm-up.
+
+    The CPU's flags say what it has; this says what the kernels make of it. On an AMX Xeon, 2.2-2.3x; with
+    ONEDNN_MAX_CPU_ISA=AVX2 set, 0.01x (bf16 emulated); with AVX512_CORE_BF16, 0.71x (docs/benchmarks.md).
+    A warm-up product already 20 times slower than fp32's best ends the measurement (0.15 s, not 0.6 s).
+    """
+    a = torch.randn(n, n)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        best = float("inf")
+        for rep in range(4):  # the first is a warm-up (oneDNN compiles its kernel then)
+            start = time.perf_counter()
+            x @ x
+            elapsed = time.perf_counter() - start
+            if rep == 0 and dtype == torch.bfloat16 and elapsed > 20 * timings[torch.float32]:
+                return timings[torch.float32] / elapsed
+            best = min(best, elapsed) if rep else best
+        timings[dtype] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
+
+
 def cpu_int8_kernels() -> bool:
     """Whether this torch build and CPU run int8 decoding (one tiny Int8Linear, built and run): through
     PyTorch's quantized CPU kernels, whose removal PyTorch has announced (torch>=2.3 is all we ask for),
@@ -95,10 +133,15 @@ def cpu_int8_kernels() -> bool:
 
 def probe_machine() -> Machine:
     isa, native_bf16 = cpu_isa()
+    if native_bf16:  # the flags claim it; a cap (isa_caps) or a hypervisor can keep the kernels from it
+        speedup = bf16_matmul_speedup()
+        if speedup < 1:
+            under = f" under {isa_caps()}" if isa_caps() else ""
+            native_bf16, isa = False, f"{isa}, but bf16 matmuls measured {speedup:.2g}x fp32 here{under}"
     cuda = torch.cuda.is_available()
     return Machine(cpu_model=cpu_model(), cpu_isa=isa, cpu_native_bf16=native_bf16, threads=torch.get_num_threads(),
                    cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels())
+                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels(), isa_caps=isa_caps())
 
 
 def precision_name(value) -> str:

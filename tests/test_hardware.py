@@ -1,6 +1,8 @@
 """The precision and device chosen from the hardware (its answers faked), and int8 decoding against fp32."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import sacrebleu
@@ -100,6 +102,45 @@ def test_cpu_processes_share_a_quota_instead_of_the_cores(monkeypatch):
 
 def test_the_reason_names_what_the_cpu_lacks():
     assert choose_precision("auto", "cpu", True, AVX2) == ("32", "this CPU has no native bf16 (AVX2)")
+
+
+@pytest.mark.parametrize("speedup, native", [(0.0048, False), (0.52, False), (2.3, True)])
+def test_flags_claiming_native_bf16_are_checked_by_a_measured_matmul(speedup, native, monkeypatch):
+    """0.0048x: ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon; 0.52x: AVX512_CORE_BF16 there; 2.3x: no cap."""
+    monkeypatch.setattr(seq2seq.hardware, "cpu_isa", lambda: ("AMX", True))
+    monkeypatch.setattr(seq2seq.hardware, "bf16_matmul_speedup", lambda: speedup)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    machine = seq2seq.hardware.probe_machine()
+    assert machine.cpu_native_bf16 is native
+    precision, reason = choose_precision("auto", "cpu", training=True, machine=machine, d_model=256)
+    assert precision == ("bf16" if native else "32")
+    if not native:
+        assert f"bf16 matmuls measured {speedup:.2g}x fp32 here under ONEDNN_MAX_CPU_ISA=AVX2" in reason
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in machine.describe()
+
+
+def test_flags_without_native_bf16_are_taken_at_their_word(monkeypatch):
+    """No matmul is timed where the flags already say fp32 (most CPUs): nothing to check."""
+    monkeypatch.setattr(seq2seq.hardware, "cpu_isa", lambda: ("AVX2", False))
+    monkeypatch.setattr(seq2seq.hardware, "bf16_matmul_speedup", lambda: pytest.fail("timed a matmul"))
+    assert not seq2seq.hardware.probe_machine().cpu_native_bf16
+
+
+def test_isa_caps_name_the_variables_set(monkeypatch):
+    for name in seq2seq.hardware.ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert seq2seq.hardware.isa_caps() == ""
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert seq2seq.hardware.isa_caps() == "ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
+
+
+@pytest.mark.slow
+def test_bf16_emulated_under_a_onednn_cap_is_measured_slower_than_fp32():
+    """The measurement itself, in a process whose oneDNN may use AVX2 only: bf16 is emulated there."""
+    result = subprocess.run([sys.executable, "-c", "from seq2seq.hardware import bf16_matmul_speedup as s; print(s())"],
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, check=True)
+    assert float(result.stdout) < 0.5
 
 
 @pytest.mark.parametrize("requested", ["32", 32, "32-true", "bf16", "bf16-mixed"])
