@@ -19,11 +19,14 @@ from torch import nn
 
 
 def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, device) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, S) mask, True where query t may attend to key s."""
+    """Boolean (B or 1, 1, T, S) mask, True where query t may attend to key s; None where it may attend to all.
+
+    A single causal query (a decoding step: the newest position) sees every key, so it gets no mask: the
+    kernel then skips the masking, at every layer of every step."""
     keep = None
     if key_pad_mask is not None:
         keep = ~key_pad_mask[:, None, None, :]  # (B, 1, 1, S)
-    if causal:
+    if causal and T > 1:
         # query t sees keys 0..t (+ the S - T cached keys before the first query)
         future = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
         keep = ~future[None, None] if keep is None else keep & ~future

@@ -53,6 +53,14 @@ def test_weights_sum_to_one_over_unmasked_keys_and_are_zero_elsewhere(causal):
         assert (weights[..., 0, 1:] == 0).all()  # the first token sees only itself
 
 
+def test_the_newest_position_alone_needs_no_causal_mask():
+    """A decoding step's one query comes after every cached key: the causal mask would hide none of them."""
+    pad = torch.tensor([[False, False, True]])
+    assert keep_mask(None, True, 1, 3, "cpu") is None
+    assert torch.equal(keep_mask(pad, True, 1, 3, "cpu"), ~pad[:, None, None, :])
+    assert torch.equal(keep_mask(None, True, 2, 3, "cpu")[0, 0], torch.tensor([[True, True, False], [True, True, True]]))
+
+
 def test_weights_match_softmax_of_scaled_dot_products_by_hand():
     torch.manual_seed(0)
     query, key = torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3)
