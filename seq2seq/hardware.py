@@ -113,7 +113,8 @@ def bf16_matmul_speedup(n: int = 512) -> float:
             elapsed = time.perf_counter() - start
             if rep == 0 and dtype == torch.bfloat16 and elapsed > 20 * timings[torch.float32]:
                 return timings[torch.float32] / elapsed
-            best = min(best, elapsed) if rep else best
+            if rep:
+                best = min(best, elapsed)
         timings[dtype] = best
     return timings[torch.float32] / timings[torch.bfloat16]
 
@@ -133,15 +134,16 @@ def cpu_int8_kernels() -> bool:
 
 def probe_machine() -> Machine:
     isa, native_bf16 = cpu_isa()
-    if native_bf16:  # the flags claim it; a cap (isa_caps) or a hypervisor can keep the kernels from it
+    caps = isa_caps()
+    if native_bf16:  # the flags claim it; a cap or a hypervisor can keep the kernels from it
         speedup = bf16_matmul_speedup()
         if speedup < 1:
-            under = f" under {isa_caps()}" if isa_caps() else ""
+            under = f" under {caps}" if caps else ""
             native_bf16, isa = False, f"{isa}, but bf16 matmuls measured {speedup:.2g}x fp32 here{under}"
     cuda = torch.cuda.is_available()
     return Machine(cpu_model=cpu_model(), cpu_isa=isa, cpu_native_bf16=native_bf16, threads=torch.get_num_threads(),
                    cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels(), isa_caps=isa_caps())
+                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels(), isa_caps=caps)
 
 
 def precision_name(value) -> str:
@@ -291,8 +293,10 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 2.0) -
         a @ b  # warm-up
         reps = 3 if per_product == 0 else max(3, min(50, int(seconds / per_product / 8)))
         per_product = float("inf")
-        for _ in range(reps):  # the fastest product: a VM's slow spells (the same 2-core VM measured 67 and
-            synchronize(device)  # 174 GFLOP/s fp32 as a mean over reps, minutes apart) only lengthen others
+        # The fastest product: a VM's slow spells only lengthen the others (the same 2-core VM measured 67
+        # and 174 GFLOP/s fp32 as a mean over reps, minutes apart).
+        for _ in range(reps):
+            synchronize(device)
             start = time.perf_counter()
             a @ b
             synchronize(device)
