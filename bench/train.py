@@ -148,10 +148,10 @@ def main():
     for _ in range(args.rounds):
         for name, (model, loss_fn, optimizer, bf16) in systems.items():
             times[name].append(train_steps(model, loss_fn, optimizer, batches, bf16, args.device))
-    report(systems, times, batches, n_tokens, peak, args.device)
+    report(systems, times, batches, n_tokens, peak, args.device, cfg.model.d_model)
 
 
-def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict, device: str) -> None:
+def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict, device: str, d_model: int) -> None:
     """Tokens/s per system, its ratio to the best Marian, and the share of the matmul peak it reaches."""
     rate = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     best_peer = max((n for n in rate if n.startswith("Marian")), key=rate.get)
@@ -166,7 +166,7 @@ def report(systems: dict, times: dict, batches: list, n_tokens: int, peak: dict,
     best_ours = max((n for n in rate if n.startswith("seq2seq")), key=rate.get)
     print(f"\nbest seq2seq ({best_ours}) / best Marian ({best_peer}): {rate[best_ours] / rate[best_peer]:.2f}x")
     auto, reason = choose_precision("auto", torch.device(device).type, training=True, machine=this_machine(),
-                                    d_model=cfg.model.d_model)
+                                    d_model=d_model)
     measured = f"seq2seq {'fp32' if auto == '32' else auto}"
     ratio = f"{rate[measured] / rate[best_ours]:.2f}x" if measured in rate else "not measured"
     print(f"precision=auto trains at {auto} here ({reason}): auto / fastest of ours ({best_ours}) = {ratio}")
