@@ -9,9 +9,10 @@ One vocabulary of precision names for training and decoding:
 
 Why: on a CPU without native bfloat16 (AVX2, or AVX-512 without its BF16 extension) a bf16 matmul is
 emulated and measured 44-300x slower than fp32; with AVX512-BF16 or AMX it is 4-7x faster. So the
-choice is the machine's, made at run time, never a constant tuned on whichever machine we had. The CPU's
-flags are checked against a timed bf16 matmul where they claim native bf16: a cap on the kernels'
-instructions (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon: 0.005x fp32) makes it emulated all the same.
+choice is the machine's, made at run time, never a constant tuned on whichever machine we had. Where the
+CPU's flags claim native bf16 (x86's AMX or AVX512-BF16, Arm's BF16), a timed bf16 matmul checks them: a
+cap on the kernels' instructions (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon: 0.005x fp32) makes it emulated
+all the same.
 On a CPU the model's width counts too: a reduced precision saves matmul time, which grows as d_model
 squared per token, and costs casts and quantization, which grow as d_model, plus a oneDNN kernel
 compiled for every new matmul shape in bf16; below CPU_REDUCED_MIN_D_MODEL the costs win.
@@ -20,6 +21,7 @@ import functools
 import logging
 import os
 import platform
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,19 +62,45 @@ class Machine:
         return f"CPU {self.cpu_model} ({self.cpu_isa}{caps}), {self.threads} threads, {gpu}, torch {torch.__version__}"
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's name: /proc/cpuinfo's model name (x86 Linux), lscpu's (Arm Linux: "Neoverse-V1"), sysctl's
+    (macOS: "Apple M2"), or the architecture where none says."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    for command, prefix in ((["lscpu"], "Model name:"), (["sysctl", "-n", "machdep.cpu.brand_string"], "")):
+        for line in command_output(command).splitlines():
+            if line.startswith(prefix) and line[len(prefix):].strip():
+                return line[len(prefix):].strip()
     return platform.processor() or platform.machine()
 
 
+def command_output(command: list[str]) -> str:
+    """A command's stdout, or "" where it is missing or fails."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def arm_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this is an Arm CPU with the BF16 extension (Graviton 3 and 4, Neoverse V1, V2, N2, Apple M2
+    and later): `bf16` among the Features of /proc/cpuinfo on Linux, hw.optional.arm.FEAT_BF16 on macOS."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        return False
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            return any(line.startswith("Features") and "bf16" in line.split(":", 1)[1].split() for line in f)
+    except OSError:
+        return command_output(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]).strip() == "1"
+
+
 def cpu_isa() -> tuple[str, bool]:
-    """(the best matmul ISA torch can use here, whether bf16 is native)."""
+    """(the best matmul ISA torch can use here, whether the flags claim native bf16; `probe_machine` times it)."""
     if torch.cpu._is_amx_tile_supported():
         return "AMX", True
     if torch.cpu._is_avx512_bf16_supported():
@@ -81,6 +109,8 @@ def cpu_isa() -> tuple[str, bool]:
         return "AVX-512", False
     if torch.cpu._is_avx2_supported():
         return "AVX2", False
+    if arm_bf16():
+        return f"{torch.backends.cpu.get_cpu_capability()}, Arm BF16", True
     return torch.backends.cpu.get_cpu_capability(), False
 
 

@@ -126,6 +126,44 @@ def test_flags_without_native_bf16_are_taken_at_their_word(monkeypatch):
     assert not seq2seq.hardware.probe_machine().cpu_native_bf16
 
 
+ARM_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd evtstrm aes sve {extra} rng\n"
+               "CPU part\t: 0xd40\n")
+
+
+@pytest.mark.parametrize("arch, extra, claimed", [("aarch64", "bf16 i8mm", True), ("aarch64", "i8mm", False),
+                                                  ("x86_64", "bf16", False)])
+def test_arm_bf16_is_read_from_the_cpu_features(arch, extra, claimed, tmp_path, monkeypatch):
+    """Graviton 3 lists bf16 among its Features; Graviton 2 does not; an x86 CPU is not read this way."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(ARM_CPUINFO.format(extra=extra))
+    monkeypatch.setattr(seq2seq.hardware.platform, "machine", lambda: arch)
+    assert seq2seq.hardware.arm_bf16(str(cpuinfo)) is claimed
+
+
+@pytest.mark.parametrize("speedup, native", [(0.3, False), (1.9, True)])
+def test_an_arm_cpu_claiming_bf16_is_timed_like_any_other(speedup, native, monkeypatch):
+    for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_avx512_supported", "_is_avx2_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    monkeypatch.setattr(seq2seq.hardware, "arm_bf16", lambda: True)
+    monkeypatch.setattr(seq2seq.hardware, "bf16_matmul_speedup", lambda: speedup)
+    machine = seq2seq.hardware.probe_machine()
+    assert "Arm BF16" in machine.cpu_isa and machine.cpu_native_bf16 is native
+    precision, _ = choose_precision("auto", "cpu", training=True, machine=machine, d_model=256)
+    assert precision == ("bf16" if native else "32")
+
+
+def test_the_cpu_model_of_an_arm_machine_comes_from_lscpu(tmp_path, monkeypatch):
+    """Arm's /proc/cpuinfo names no model; lscpu does ("Neoverse-V1"), and a benchmark prints it."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(ARM_CPUINFO.format(extra="bf16"))
+    lscpu = "Architecture:             aarch64\nVendor ID:                ARM\nModel name:               Neoverse-V1\n"
+    monkeypatch.setattr(seq2seq.hardware, "command_output", lambda command: lscpu if command == ["lscpu"] else "")
+    assert seq2seq.hardware.cpu_model(str(cpuinfo)) == "Neoverse-V1"
+    monkeypatch.setattr(seq2seq.hardware, "command_output", lambda command: "")
+    assert seq2seq.hardware.cpu_model(str(cpuinfo)) == (seq2seq.hardware.platform.processor()
+                                                         or seq2seq.hardware.platform.machine())
+
+
 def test_isa_caps_name_the_variables_set(monkeypatch):
     for name in seq2seq.hardware.ISA_CAP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
