@@ -28,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-url", default="../shared/data/small_parallel_enja",
                         help="small_parallel_enja's folder: the training batches, the model, the test sentences")
-    parser.add_argument("--ckpt", help="an en->ja checkpoint of small_parallel_enja to decode with (default: train one)")
+    parser.add_argument("--ckpt", help="an en->ja small_parallel_enja checkpoint to decode with (default: train one)")
     parser.add_argument("--train-minutes", type=int, default=20, help="training time of that model, without --ckpt")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each bench; each reports its best or median")
     parser.add_argument("--out", default=None, help="where the outputs go (default: runs/machine_class/<time>)")
@@ -128,7 +128,8 @@ def headline(machine: str, smoke_run: dict, train: dict, cases: dict) -> str:
              f"smoke: {smoke_run['wall']:.1f} s in all, {smoke_run['tokens_per_s']:,.0f} tokens/s, test BLEU "
              f"{smoke_run['bleu']:.2f}, precision {smoke_run['precision']} ({smoke_run['reason']})",
              f"training: {train['ours']} {train['tokens_per_s']:,} tokens/s = {train['ratio']:.2f}x {train['peer']}, "
-             f"{train['peak']}% of the matmul peak; auto trains at {train['auto']}: {train['auto_ratio']} of our fastest"]
+             f"{train['peak']}% of the matmul peak; auto trains at {train['auto']}: {train['auto_ratio']} of our "
+             "fastest"]
     for name, case in cases.items():
         peers = ", ".join(f"{case[p]:.2f}x {p}" for p in ("CT2 int8", "CT2 float32", "Marian") if p in case)
         lines.append(f"{name}: {case['ours']} = {peers}; auto ({case['auto']}) / fastest ({case['fastest']}) = "
@@ -145,8 +146,9 @@ def main():
     smoke_run = smoke(out)
     train = training(args, out)
     cases = decoding(args, out, model_to_decode(args, out, smoke_run))
-    summary = headline(f"{machine.cpu_isa} ({machine.cpu_model}, {machine.threads} threads, "
-                       f"{time.strftime('%Y-%m-%d')})", smoke_run, train, cases)
+    isa = machine.cpu_isa.split(",")[0] + (" with capped kernels (the machine line)" if machine.isa_caps else "")
+    summary = headline(f"{isa} ({machine.cpu_model}, {machine.threads} threads, {time.strftime('%Y-%m-%d')})",
+                       smoke_run, train, cases)
     (out / "headline.md").write_text(summary + "\n", encoding="utf-8")
     print(f"\n{summary}\n\n(also in {out / 'headline.md'})")
 

@@ -17,8 +17,8 @@ def test_machine_class_runs_every_bench_and_reads_their_verdicts(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("machine: CPU")  # the machine comes first
-    row = re.search(r"\n\| (.+) \| ([\d.]+) s \| ([\d.]+)× \((\d+)% of peak\) \| ([\d.]+)× \((\w+); forced ([\d.]+)×\) "
-                    r"\| ([\d.]+)× \|\n", out)
+    row = re.search(r"\n\| (.+) \| ([\d.]+) s \| ([\d.]+)× \((\d+)% of peak\) \| ([\d.]+)× \((\w+); "
+                    r"forced ([\d.]+)×\) \| ([\d.]+)× \|\n", out)
     assert row, out
     assert float(row.group(2)) > 0 and float(row.group(3)) > 0 and float(row.group(8)) > 0
     assert "precision 32 (d_model 64 < 128" in out  # auto keeps model=tiny in fp32, and the smoke run says so
