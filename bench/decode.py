@@ -21,6 +21,7 @@ and each row reports its fastest round, so that a machine whose speed drifts (a 
 """
 import argparse
 import copy
+import functools
 import importlib.util
 import itertools
 import json
@@ -47,11 +48,17 @@ def precisions(args) -> list[str]:
     return ["32", "int8"] + (["bf16"] if this_machine().cpu_native_bf16 or args.all_precisions else [])
 
 
-def test_lines(data_url: str, ckpt: str) -> list[str]:
-    """The test split's source side, in the checkpoint's source language."""
+@functools.cache
+def checkpoint_facts(ckpt: str) -> dict:
+    """The checkpoint's own record (source language, model config), read once per process."""
     from seq2seq.checkpoint import load_checkpoint
 
-    src_lang = load_checkpoint(ckpt)["seq2seq"]["data"]["src_lang"]
+    return load_checkpoint(ckpt)["seq2seq"]
+
+
+def test_lines(data_url: str, ckpt: str) -> list[str]:
+    """The test split's source side, in the checkpoint's source language."""
+    src_lang = checkpoint_facts(ckpt)["data"]["src_lang"]
     return Path(data_url, f"test.{src_lang}").read_text(encoding="utf-8").splitlines()
 
 
@@ -246,10 +253,9 @@ def fastest_rounds(rounds: list[list[dict]]) -> list[dict]:
 def auto_against_explicit(rows: list[dict], args) -> None:
     """What `precision=auto` picks here, and its speed over the fastest precision of ours, per case (the
     goal: never more than 5% behind); each precision at its best batch budget."""
-    from seq2seq.checkpoint import load_checkpoint
     from seq2seq.hardware import choose_precision
 
-    d_model = load_checkpoint(args.ckpt)["seq2seq"]["model_config"]["d_model"]
+    d_model = checkpoint_facts(args.ckpt)["model_config"]["d_model"]
     auto, reason = choose_precision("auto", torch.device(args.device).type, training=False, machine=this_machine(),
                                     d_model=d_model)
     print(f"precision=auto decodes at {auto} here: {reason}")
