@@ -99,13 +99,13 @@ def model_to_decode(args, out: Path, smoke_run: dict) -> Path:
 
 def decoding(args, out: Path, ckpt: Path) -> dict:
     """bench/decode.py: our best against HF Marian's and CTranslate2's, per case, and auto against ours."""
-    quick = ["--limit", "16", "--budgets", "512", "--marian-batches", "16", "--forced-len", "5"] if args.demo else \
+    forced = 5 if args.demo else 20  # tokens per sentence in the forced-length rows
+    quick = ["--limit", "16", "--budgets", "512", "--marian-batches", "16"] if args.demo else \
         ["--budgets", "4096", "16384", "--marian-batches", "64", "128", "256"]
     data_url = str(out / "data" / "demo") if args.demo else args.data_url
     text = step("decoding vs HF generate and CTranslate2", [sys.executable, "bench/decode.py", "--ckpt", str(ckpt),
                                                              "--data-url", data_url, "--rounds", str(args.rounds),
-                                                             *quick], out / "decode.log")
-    forced = 5 if args.demo else 20
+                                                             "--forced-len", str(forced), *quick], out / "decode.log")
     cases = {}
     for name in ("greedy", f"greedy forced {forced}", "beam5", f"beam5 forced {forced}"):
         line = found(rf"\n{name}: best seq2seq \((seq2seq \w+), [^)]*\) / ([^\n]+)", text, f"{name} verdict")
@@ -118,8 +118,8 @@ def decoding(args, out: Path, ckpt: Path) -> dict:
 
 def headline(machine: str, smoke_run: dict, train: dict, cases: dict) -> str:
     """The row of docs/benchmarks.md's headline table, and the figures behind it."""
-    names = list(cases)
-    beam, beam_forced = cases[names[2]], cases[names[3]]
+    beam = cases["beam5"]
+    beam_forced = next(case for name, case in cases.items() if name.startswith("beam5 forced"))
     row = (f"| {machine} | {smoke_run['wall']:.1f} s | {train['ratio']:.2f}× ({train['peak']}% of peak) | "
            f"{beam.get('CT2 int8', float('nan')):.2f}× ({beam['ours'].removeprefix('seq2seq ')}; forced "
            f"{beam_forced.get('CT2 int8', float('nan')):.2f}×) | {beam_forced.get('Marian', float('nan')):.2f}× |")
