@@ -64,9 +64,22 @@ def export(cfg):
     export(cfg)
 
 
+def machine(cfg):
+    from seq2seq.config import check_flag
+    from seq2seq.hardware import machine_command
+
+    check_flag("peaks", cfg.peaks)
+    if cfg.ckpt is None:
+        d_model = cfg.model.d_model
+    else:
+        from seq2seq.checkpoint import load_checkpoint
+
+        d_model = load_checkpoint(cfg.ckpt)["seq2seq"]["model_config"]["d_model"]
+    machine_command(d_model, cfg.peaks)
+
+
 COMMANDS = {"train": train, "translate": translate, "evaluate": evaluate, "average": average, "visualize": visualize,
-            "explain": explain, "serve": serve,
-            "export": export}
+            "explain": explain, "serve": serve, "export": export, "machine": machine}
 
 
 def report(argv: list[str]) -> None:

@@ -24,6 +24,7 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('GPU:', torch.cuda.get_device_name())"
 start=$SECONDS
+python3 run.py machine peaks=false  # the machine, and what precision=auto and device=auto pick on it
 
 echo "== 1. GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/test_hardware.py -k cuda 2>&1 | tail -5

@@ -341,6 +341,45 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+INT8_KERNELS = {"fixed": "fbgemm's int8 GEMM at one fixed activation scale",
+                "dynamic": "the quantized engine's dynamic int8 GEMM",
+                "int_mm": "torch._int_mm (VNNI integer dot products)",
+                "": "none in this torch build for this CPU: int8 decoding is not offered"}
+
+
+def auto_choices(machine: Machine, d_model: int | None) -> list[str]:
+    """What `auto` picks here, as lines `run.py machine` prints: the precision for training and for
+    decoding on each device this machine has, with the reasons logged when they are picked, then the
+    device `device=auto` decodes on. d_model: the model's width (None: wide enough)."""
+    devices = ["cpu"] + (["cuda"] if machine.cuda else [])
+    lines = [f"precision=auto{f' for d_model {d_model}' if d_model else ''}:"]
+    for device in devices:
+        for training in (True, False):
+            precision, reason = choose_precision("auto", device, training, machine, d_model)
+            lines.append(f"  {'training' if training else 'decoding'} on {device:<4}  {precision:<4}  {reason}")
+    lines.append(f"device=auto decodes on {resolve_device('auto', machine)}"
+                 f"{'' if machine.cuda else ' (no CUDA GPU that this torch can use)'}")
+    return lines
+
+
+def machine_command(d_model: int | None, peaks: bool) -> None:
+    """`run.py machine`: what this machine offers (the machine line every log and benchmark starts with,
+    threads, int8 kernel, matmul peaks) and what `auto` picks on it, on stdout."""
+    from seq2seq.int8 import int8_kernel  # the model code, only here
+
+    machine = this_machine()
+    omp = os.environ.get("OMP_NUM_THREADS")
+    lines = [f"machine: {machine.describe()}",
+             f"threads: {torch.get_num_threads()} (CPUs this process may use: {cpu_budget()}"
+             f"{f'; OMP_NUM_THREADS={omp}' if omp else ''})",
+             f"int8 kernel: {INT8_KERNELS[int8_kernel()]} (quantized engine {torch.backends.quantized.engine})"]
+    if peaks:
+        lines += machine_report(machine).splitlines()[1:]
+        if machine.cuda:
+            lines += machine_report(machine, "cuda").splitlines()[1:]
+    print("\n".join(lines + auto_choices(machine, d_model)), flush=True)
+
+
 def machine_report(machine: Machine, device: str = "cpu") -> str:
     """What a benchmark prints first: the machine, its ISA, threads, GPU, and measured matmul peaks."""
     peaks = {name: matmul_peak(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}

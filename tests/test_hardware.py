@@ -324,6 +324,39 @@ def test_cli_takes_precision_32_and_bf16_and_refuses_a_missing_gpu(smoke_run):
             f"{torch.__version__} can use; use device=cpu or device=auto"]
 
 
+@pytest.mark.parametrize("machine, d_model, expected", [
+    (AVX2, 256, ["training on cpu   32 ", "decoding on cpu   int8", "device=auto decodes on cpu (no CUDA GPU"]),
+    (AMX, 256, ["training on cpu   bf16", "decoding on cpu   bf16", "device=auto decodes on cpu (no CUDA GPU"]),
+    (AMX, 64, ["training on cpu   32    d_model 64 < 128", "decoding on cpu   32    d_model 64 < 128"]),
+    (H200, 256, ["training on cpu   bf16", "training on cuda  bf16  NVIDIA H200", "decoding on cuda  bf16",
+                 "device=auto decodes on cuda"]),
+    (T4, 256, ["training on cpu   32 ", "decoding on cpu   int8", "training on cuda  16    Tesla T4 has no bf16",
+               "device=auto decodes on cuda"]),
+])
+def test_run_py_machine_says_what_auto_picks(machine, d_model, expected):
+    lines = seq2seq.hardware.auto_choices(machine, d_model)
+    assert lines[0] == f"precision=auto for d_model {d_model}:"
+    for line in expected:  # each in its place: a training row, then the decoding row, per device
+        assert sum(row.strip().startswith(line.strip()) for row in lines) == 1, (line, lines)
+    assert len(lines) == 2 + 2 * (1 + machine.cuda)
+
+
+@pytest.mark.slow
+def test_run_py_machine(smoke_run):
+    """The machine line, threads, int8 kernel, peaks and auto's choices for a checkpoint's width, as this
+    process's own probe decides them; a missing checkpoint is one line."""
+    proc = run_py("machine", f"ckpt={smoke_run}/checkpoints/best.ckpt")
+    assert proc.returncode == 0, proc.stderr
+    machine = seq2seq.hardware.this_machine()
+    out = proc.stdout.splitlines()
+    assert out[0] == f"machine: {machine.describe()}"
+    assert out[1].startswith("threads: ") and out[2].startswith("int8 kernel: ")
+    assert out[3].startswith("CPU matmul peak: fp32 ")
+    assert out[4:] == seq2seq.hardware.auto_choices(machine, 64)  # the smoke model's width
+    proc = run_py("machine", "ckpt=no/such.ckpt", "peaks=false")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: no/such.ckpt: checkpoint not found"]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs these)")
 
 
