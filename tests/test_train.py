@@ -14,6 +14,7 @@ import time
 import lightning as L
 import pytest
 import torch
+import torch.utils._python_dispatch
 from lightning.pytorch.callbacks import Timer
 
 from seq2seq import Seq2SeqError
@@ -45,6 +46,55 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
         loss.backward()
         optimizer.step()
     assert losses[-1] < 0.5 * losses[0]
+
+
+# aten ops that make the host wait for a GPU: a value read (item, bool, int, float, tolist) or a result whose
+# size depends on the data (a boolean index is a nonzero)
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
+                 "aten::_unique2", "aten::repeat_interleave")
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run under it that would sync a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in HOST_SYNC_OPS or (name.startswith("aten::index") and boolean_index(args)):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def boolean_index(args) -> bool:
+    """Does aten::index / index_put_ get a mask? It counts the mask's True values below this dispatch level."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+def test_the_training_loss_and_its_gradients_make_no_host_sync(tiny_cfg):
+    """Issue #13: on a GPU, a step that reads a value back (int(real.sum()), a boolean index h[real],
+    `if not torch.isfinite(loss)`) waits for the GPU at every step. Checked on the CPU at the level of the
+    aten ops the step runs; the detector itself is checked on the forms it must catch."""
+    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
+    datamodule.setup()
+    tok = datamodule.tokenizer
+    model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
+    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
+                        max_warmup_share=1.0, decay="inverse_sqrt")
+    module = TranslationModule(model, tok, optim, None)
+    batch = next(iter(datamodule.train_dataloader()))
+    with HostSyncs() as syncs:
+        loss, _ = module.loss(batch, optim.label_smoothing)
+        loss.backward()
+    assert syncs.seen == [] and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    real = batch["tgt_out"].ne(tok.pad_id)
+    for reads_back in (lambda: int(real.sum()), lambda: batch["tgt_out"][real], lambda: bool(torch.isfinite(loss))):
+        with HostSyncs() as syncs:
+            reads_back()
+        assert syncs.seen
 
 
 @pytest.mark.slow
