@@ -57,6 +57,12 @@ def linear_decay(step: int, warmup_steps: int, total_steps: int | None) -> float
     return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
 
 
+def reading_waits(value: torch.Tensor) -> bool:
+    """Does reading `value` on the host wait for its device? On a GPU it waits for every kernel queued
+    before it, so the CPU stops running ahead (one such read per step idles the GPU at each step's start)."""
+    return value.device.type != "cpu"
+
+
 class TranslationModule(L.LightningModule):
     """Trains `model`; validation and test decode greedily and score against the cleaned references."""
 
@@ -92,9 +98,12 @@ class TranslationModule(L.LightningModule):
         # On a CPU, stop before the optimizer step spreads a non-finite loss into the weights. On a GPU,
         # reading the flag waits for the step to finish: read it every log_every_n_steps steps and before
         # each validation (so that no checkpoint is written from such weights).
-        if loss.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+        waits = reading_waits(loss)
+        if not waits or self.global_step % self.trainer.log_every_n_steps == 0:
             self.stop_unless_finite()
-        self.log("train/loss", loss, prog_bar=True, batch_size=n_tokens)
+        # Lightning reads every prog_bar value back at the end of every batch, shown or not: on a GPU the
+        # loss goes to the loggers alone (every log_every_n_steps steps)
+        self.log("train/loss", loss, prog_bar=not waits, batch_size=n_tokens)
         return loss
 
     def stop_unless_finite(self) -> None:

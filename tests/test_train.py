@@ -98,6 +98,31 @@ def test_the_training_loss_and_its_gradients_make_no_host_sync(tiny_cfg):
 
 
 @pytest.mark.slow
+def test_training_on_a_gpu_reads_values_back_only_every_log_every_n_steps(tiny_cfg, tmp_path, monkeypatch):
+    """Lightning's whole training loop, with the module told that reads wait for the device as on a GPU:
+    the aten ops that would sync come from the finite-loss check and the loggers every log_every_n_steps
+    steps, not from every step (a prog_bar metric alone is read back at every batch end)."""
+    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
+    datamodule.setup()
+    tok = datamodule.tokenizer
+    model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
+    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
+                        max_warmup_share=1.0, decay="inverse_sqrt")
+    monkeypatch.setattr("seq2seq.lit_module.reading_waits", lambda value: True)
+    every, seen = 10, {}
+    for steps in (30, 60):
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, log_every_n_steps=every, limit_val_batches=0,
+                            enable_checkpointing=False, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                            enable_progress_bar=True, enable_model_summary=False)
+        with HostSyncs() as syncs:
+            trainer.fit(TranslationModule(model, tok, optim, None), train_dataloaders=datamodule.train_dataloader())
+        assert trainer.global_step == steps
+        seen[steps] = syncs.seen
+    # 30 more steps: the loss check and the loggers' reads at 3 more log steps (start and end add a constant)
+    assert len(seen[60]) - len(seen[30]) <= 2 * 30 // every, (seen[30], seen[60])
+
+
+@pytest.mark.slow
 def test_validation_decodes_as_the_validation_config_says(tiny_cfg, tiny_model):
     from seq2seq.config import build_config
     from seq2seq.search import SearchConfig
