@@ -54,6 +54,17 @@ HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_sel
                  "aten::_unique2", "aten::repeat_interleave")
 
 
+def tiny_module(tiny_cfg) -> tuple[TranslationDataModule, TranslationModule]:
+    """The demo corpus's batches and a fresh tiny model to train on them."""
+    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
+    datamodule.setup()
+    tok = datamodule.tokenizer
+    model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
+    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
+                        max_warmup_share=1.0, decay="inverse_sqrt")
+    return datamodule, TranslationModule(model, tok, optim, None)
+
+
 class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every aten op run under it that would sync a GPU."""
 
@@ -78,13 +89,8 @@ def test_the_training_loss_and_its_gradients_make_no_host_sync(tiny_cfg):
     """Issue #13: on a GPU, a step that reads a value back (int(real.sum()), a boolean index h[real],
     `if not torch.isfinite(loss)`) waits for the GPU at every step. Checked on the CPU at the level of the
     aten ops the step runs; the detector itself is checked on the forms it must catch."""
-    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
-    datamodule.setup()
-    tok = datamodule.tokenizer
-    model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
-    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
-                        max_warmup_share=1.0, decay="inverse_sqrt")
-    module = TranslationModule(model, tok, optim, None)
+    datamodule, module = tiny_module(tiny_cfg)
+    model, tok, optim = module.model, module.tokenizer, module.optim
     batch = next(iter(datamodule.train_dataloader()))
     with HostSyncs() as syncs:
         loss, _ = module.loss(batch, optim.label_smoothing)
@@ -102,12 +108,7 @@ def test_training_on_a_gpu_reads_values_back_only_every_log_every_n_steps(tiny_c
     """Lightning's whole training loop, with the module told that reads wait for the device as on a GPU:
     the aten ops that would sync come from the finite-loss check and the loggers every log_every_n_steps
     steps, not from every step (a prog_bar metric alone is read back at every batch end)."""
-    datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
-    datamodule.setup()
-    tok = datamodule.tokenizer
-    model = Transformer(ModelConfig(**tiny_cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id))
-    optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
-                        max_warmup_share=1.0, decay="inverse_sqrt")
+    datamodule, _ = tiny_module(tiny_cfg)
     monkeypatch.setattr("seq2seq.lit_module.reading_waits", lambda value: True)
     every, seen = 10, {}
     for steps in (30, 60):
@@ -115,7 +116,7 @@ def test_training_on_a_gpu_reads_values_back_only_every_log_every_n_steps(tiny_c
                             enable_checkpointing=False, logger=L.pytorch.loggers.CSVLogger(tmp_path),
                             enable_progress_bar=True, enable_model_summary=False)
         with HostSyncs() as syncs:
-            trainer.fit(TranslationModule(model, tok, optim, None), train_dataloaders=datamodule.train_dataloader())
+            trainer.fit(tiny_module(tiny_cfg)[1], train_dataloaders=datamodule.train_dataloader())
         assert trainer.global_step == steps
         seen[steps] = syncs.seen
     # 30 more steps: the loss check and the loggers' reads at 3 more log steps (start and end add a constant)
