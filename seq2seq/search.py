@@ -188,15 +188,15 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
         beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
         collect_finished(finished, alive, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
-        searching = torch.tensor([len(finished[b]) < K for b in alive.tolist()], device=src.device)  # (B,)
-        if not searching.any():
+        searching = [len(finished[b]) < K for b in alive.tolist()]  # (B,), on the host
+        if not any(searching):
             break
         alive_scores = top_scores.masked_fill(token.eq(EOS_ID), float("-inf"))
         scores, pick = alive_scores.topk(K, dim=1)  # (B, K)
         order = beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * K  # (B, K): rows to extend
         next_token = token.gather(1, pick)  # (B, K)
-        if not searching.all():  # drop sentences with K finished hypotheses: later steps skip their rows
-            keep = searching.nonzero().squeeze(1)
+        if not all(searching):  # drop sentences with K finished hypotheses: later steps skip their rows
+            keep = torch.tensor([b for b, more in enumerate(searching) if more], device=src.device)
             alive, scores, order, next_token, limit = alive[keep], scores[keep], order[keep], next_token[keep], limit[keep]
             prefix = prefix[keep] if prefix is not None else None
             memory, src_pad_mask = memory[keep], src_pad_mask[keep]
@@ -226,18 +226,20 @@ def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bo
     take (a target prefix), or -1.
     """
     top_log_probs, top_ids = [], []
+    any_forced = forced is not None and bool((forced >= 0).any())  # read back once a step, not once a chunk
+    any_end = bool(must_end.any())
     forced = forced if forced is not None else torch.full_like(must_end, -1, dtype=torch.long)
     for part, ends, force in zip(h.split(rows_per_chunk), must_end.split(rows_per_chunk), forced.split(rows_per_chunk)):
         logits = model.project(part).float()  # (C, V)
         log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
-        if (force >= 0).any():  # every other token of a forced row is impossible
+        if any_forced:  # every other token of a forced row is impossible
             rows = (force >= 0).nonzero().squeeze(1)
             kept = logits[rows, force[rows]]
             logits[rows] = float("-inf")
             logits[rows, force[rows]] = kept
         if not eos_allowed:
             logits[:, EOS_ID].masked_fill_(~ends, float("-inf"))
-        if ends.any():
+        if any_end:
             not_eos = torch.arange(logits.size(1), device=logits.device).ne(EOS_ID)  # (V,)
             logits.masked_fill_(ends[:, None] & not_eos, float("-inf"))
         values, ids = blockwise_topk(logits, k)  # (C, k)
@@ -269,10 +271,15 @@ def blockwise_topk(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tens
 def collect_finished(finished, alive, top_scores, beam, token, prefixes, K: int, alpha: float, length: int) -> None:
     """Move candidates that end in eos among a sentence's top K into its finished list.
 
-    Row b of the step's tensors is sentence alive[b]."""
+    Row b of the step's tensors is sentence alive[b]. The ended candidates are picked on the device and
+    read back whole (on a GPU, each value read alone would wait for the GPU: thousands of waits per batch).
+    """
     ends = token[:, :K].eq(EOS_ID) & top_scores[:, :K].isfinite()  # (B, K)
-    for b, k in ends.nonzero().tolist():
-        sentence = finished[int(alive[b])]
+    rows, ks = ends.nonzero(as_tuple=True)  # (E,) each, in (b, k) order
+    if rows.numel() == 0:
+        return
+    hyps = prefixes[rows, beam[rows, ks], 1:]  # (E, length - 1)
+    for b, hyp, score in zip(alive[rows].tolist(), hyps.tolist(), top_scores[rows, ks].tolist()):
+        sentence = finished[b]
         if len(sentence) < K:
-            hyp = prefixes[b, beam[b, k], 1:].tolist()
-            sentence.append((float(top_scores[b, k]) / length_penalty(length, alpha), hyp))
+            sentence.append((score / length_penalty(length, alpha), hyp))

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from hydra import compose, initialize_config_dir
 
 from seq2seq.corpora import SMALL_ENJA_LINES, DataConfig, load_demo
@@ -120,3 +121,30 @@ def small_disk(max_bytes: int):
 def run_limited(args, max_bytes, **kw):
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           preexec_fn=small_disk(max_bytes), timeout=900, **kw)
+
+
+# aten ops that make the host wait for a GPU: a value read (item, bool, int, float) or a result whose size
+# depends on the data (a boolean index is a nonzero). A copy to the host (.tolist(), .cpu() of a GPU tensor)
+# waits too; on a CPU it runs no op, so a CPU run sees only these.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
+                 "aten::_unique2", "aten::repeat_interleave")
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run under it that would sync a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in HOST_SYNC_OPS or (name.startswith("aten::index") and boolean_index(args)):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def boolean_index(args) -> bool:
+    """Does aten::index / index_put_ get a mask? It counts the mask's True values below this dispatch level."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)

@@ -14,7 +14,6 @@ import time
 import lightning as L
 import pytest
 import torch
-import torch.utils._python_dispatch
 from lightning.pytorch.callbacks import Timer
 
 from seq2seq import Seq2SeqError
@@ -24,7 +23,8 @@ from seq2seq.datamodule import TranslationDataModule
 from seq2seq.lit_module import BudgetSchedule, OptimConfig, TranslationModule, linear_decay
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.train import train
-from tests.conftest import ROOT, compose_train, free_port, run_limited, run_py, write_small_enja_mirror
+from tests.conftest import (ROOT, HostSyncs, compose_train, free_port, run_limited, run_py,
+                            write_small_enja_mirror)
 
 
 def test_a_few_steps_lower_the_loss(tiny_cfg):
@@ -48,12 +48,6 @@ def test_a_few_steps_lower_the_loss(tiny_cfg):
     assert losses[-1] < 0.5 * losses[0]
 
 
-# aten ops that make the host wait for a GPU: a value read (item, bool, int, float, tolist) or a result whose
-# size depends on the data (a boolean index is a nonzero)
-HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
-                 "aten::_unique2", "aten::repeat_interleave")
-
-
 def tiny_module(tiny_cfg) -> tuple[TranslationDataModule, TranslationModule]:
     """The demo corpus's batches and a fresh tiny model to train on them."""
     datamodule = TranslationDataModule(DataConfig(**tiny_cfg.data), tiny_cfg.data_dir + "/cache", seed=0)
@@ -63,26 +57,6 @@ def tiny_module(tiny_cfg) -> tuple[TranslationDataModule, TranslationModule]:
     optim = OptimConfig(lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0, warmup_steps=1, label_smoothing=0.1,
                         max_warmup_share=1.0, decay="inverse_sqrt")
     return datamodule, TranslationModule(model, tok, optim, None)
-
-
-class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every aten op run under it that would sync a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in HOST_SYNC_OPS or (name.startswith("aten::index") and boolean_index(args)):
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def boolean_index(args) -> bool:
-    """Does aten::index / index_put_ get a mask? It counts the mask's True values below this dispatch level."""
-    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
 def test_the_training_loss_and_its_gradients_make_no_host_sync(tiny_cfg):
