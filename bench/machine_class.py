@@ -1,6 +1,7 @@
 """One command for a machine class's row in docs/benchmarks.md (issue #13): the machine, `experiment=smoke`'s
 wall time, training against HF Marian (bench/train.py), decoding against HF `generate` and CTranslate2
-(bench/decode.py), and what `precision=auto` picks, each system at its fastest setting on this machine.
+(bench/decode.py), and what `precision=auto` picks, each system at its fastest setting on this machine; then
+ours against CTranslate2 int8 in alternating passes (bench/head_to_head.py), the ratio a drifting VM moves least.
 
     python bench/machine_class.py --data-url PATH/small_parallel_enja [--ckpt CKPT | --train-minutes 20]
     bash bench/avx2.sh python bench/machine_class.py ...     # the AVX2 class, emulated on a newer CPU
@@ -116,7 +117,22 @@ def decoding(args, out: Path, ckpt: Path) -> dict:
     return cases
 
 
-def headline(machine: str, smoke_run: dict, train: dict, cases: dict) -> str:
+def head_to_head(args, out: Path, ckpt: Path) -> dict:
+    """bench/head_to_head.py: ours at `auto` against CTranslate2 int8 in alternating passes, per case the
+    median ratio and its range (the ratio decode.py's one-system-after-another rows cannot pin down on a VM)."""
+    forced = 5 if args.demo else 20
+    quick = ["--limit", "16", "--max-tokens", "512", "--rounds", "2"] if args.demo else ["--rounds", "6"]
+    data_url = str(out / "data" / "demo") if args.demo else args.data_url
+    text = step("head to head with CTranslate2 int8", [sys.executable, "bench/head_to_head.py", "--ckpt", str(ckpt),
+                                                        "--data-url", data_url, "--forced-len", str(forced), *quick],
+                out / "head_to_head.log")
+    rounds = found(r"(\d+) rounds, passes alternating", text, "round count").group(1)
+    ratios = {name: found(rf"\n{name} +[\d.]+ +[\d.]+ +([\d.]+)x +([\d.]+)x +([\d.]+)x\n", text, f"{name} ratio").groups()
+              for name in ("greedy", f"greedy forced {forced}", "beam5", f"beam5 forced {forced}")}
+    return dict(rounds=rounds, ratios=ratios)
+
+
+def headline(machine: str, smoke_run: dict, train: dict, cases: dict, versus: dict) -> str:
     """The row of docs/benchmarks.md's headline table, and the figures behind it."""
     beam = cases["beam5"]
     beam_forced = next(case for name, case in cases.items() if name.startswith("beam5 forced"))
@@ -134,6 +150,8 @@ def headline(machine: str, smoke_run: dict, train: dict, cases: dict) -> str:
         peers = ", ".join(f"{case[p]:.2f}x {p}" for p in ("CT2 int8", "CT2 float32", "Marian") if p in case)
         lines.append(f"{name}: {case['ours']} = {peers}; auto ({case['auto']}) / fastest ({case['fastest']}) = "
                      f"{case['auto_ratio']}")
+    lines.append(f"head to head with CT2 int8, alternating passes, median (range) of {versus['rounds']} rounds: " +
+                 ", ".join(f"{name} {median}x ({low}-{high})" for name, (median, low, high) in versus["ratios"].items()))
     return "\n".join(lines)
 
 
@@ -145,10 +163,12 @@ def main():
     print(machine_report(machine, "cpu"), flush=True)
     smoke_run = smoke(out)
     train = training(args, out)
-    cases = decoding(args, out, model_to_decode(args, out, smoke_run))
+    ckpt = model_to_decode(args, out, smoke_run)
+    cases = decoding(args, out, ckpt)
+    versus = head_to_head(args, out, ckpt)
     isa = machine.cpu_isa.split(",")[0] + (" with capped kernels (the machine line)" if machine.isa_caps else "")
     summary = headline(f"{isa} ({machine.cpu_model}, {machine.threads} threads, {time.strftime('%Y-%m-%d')})",
-                       smoke_run, train, cases)
+                       smoke_run, train, cases, versus)
     (out / "headline.md").write_text(summary + "\n", encoding="utf-8")
     print(f"\n{summary}\n\n(also in {out / 'headline.md'})")
 

@@ -26,6 +26,12 @@ def test_machine_class_runs_every_bench_and_reads_their_verdicts(tmp_path):
         line = re.search(rf"\n{case}: seq2seq \w+ = (.+); auto \(\w+\) / fastest \(\w+\) = \d+\.\d\dx\n", out)
         assert line and "x CT2 int8" in line.group(1), out
         assert ("x Marian" in line.group(1)) == ("forced" in case)  # Marian's weights are random: forced rows only
+    versus = re.search(r"\nhead to head with CT2 int8, alternating passes, median \(range\) of 2 rounds: (.+)\n", out)
+    assert versus, out
+    for case in ("greedy", "greedy forced 5", "beam5", "beam5 forced 5"):
+        median, low, high = map(float, re.search(rf"(?:^|, ){case} ([\d.]+)x \(([\d.]+)-([\d.]+)\)",
+                                                  versus.group(1)).groups())
+        assert 0 < low <= median <= high
     assert (tmp_path / "headline.md").read_text(encoding="utf-8") in out
-    for log in ("smoke.log", "train.log", "decode.log"):
+    for log in ("smoke.log", "train.log", "decode.log", "head_to_head.log"):
         assert (tmp_path / log).stat().st_size > 0
