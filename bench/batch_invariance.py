@@ -10,12 +10,16 @@ expects the same answer, whatever else was translated with it.
 """
 import argparse
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from seq2seq.hardware import machine_report, this_machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import ct2_source  # noqa: E402  (bench/: no package)
+
+from seq2seq.hardware import machine_report, this_machine  # noqa: E402
 
 
 def ours(args, lines) -> list[tuple[str, int, int]]:
@@ -42,8 +46,7 @@ def ctranslate2_rows(args, lines) -> list[tuple[str, int, int]]:
     from seq2seq.export import export_ctranslate2
 
     _, tokenizer, _ = load_model(args.ckpt)
-    eos = tokenizer.pieces([tokenizer.eos_id])[0]
-    source = [tokenizer.pieces(ids) + [eos] for ids in tokenizer.encode(lines)]
+    source = ct2_source(tokenizer, lines)
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
         export_ctranslate2(args.ckpt, model_dir)

@@ -62,6 +62,22 @@ def test_lines(data_url: str, ckpt: str) -> list[str]:
     return Path(data_url, f"test.{src_lang}").read_text(encoding="utf-8").splitlines()
 
 
+def forced_ours(L: int) -> dict:
+    """Our search settings for exactly L decoder steps: L - 1 tokens, then eos (as CTranslate2's and Marian's L)."""
+    return dict(max_len_a=0, max_len_b=L - 1, min_len=L - 1)
+
+
+def forced_ct2(L: int) -> dict:
+    """CTranslate2's translate_batch settings for the same L steps."""
+    return dict(min_decoding_length=L, max_decoding_length=L)
+
+
+def ct2_source(tokenizer, lines: list[str]) -> list[list[str]]:
+    """The lines as CTranslate2 takes them: our SentencePiece pieces, eos appended as our encoder sees it."""
+    eos = tokenizer.pieces([tokenizer.eos_id])[0]
+    return [tokenizer.pieces(ids) + [eos] for ids in tokenizer.encode(lines)]
+
+
 def run_ours(args, lines) -> list[dict]:
     from seq2seq.metrics import corpus_scores
     from seq2seq.translator import Translator
@@ -81,9 +97,9 @@ def run_ours(args, lines) -> list[dict]:
         bleu = corpus_scores(hyps, refs[:len(lines)], translator.info.bleu_tokenize)["bleu"]
         rows.append(dict(system=f"seq2seq {precision}", case=name, batch=f"{max_tokens} tok",
                          seconds=seconds, sentences=len(lines), tokens=n_tok, bleu=bleu))
-        start = time.perf_counter()  # L - 1 tokens + eos = L decoder steps, as Marian's L tokens
-        translator.translate(lines, beam_size=beam, max_tokens=max_tokens, max_len_a=0,
-                             max_len_b=L - 1, min_len=L - 1, precision=precision, pretokenized=True)
+        start = time.perf_counter()
+        translator.translate(lines, beam_size=beam, max_tokens=max_tokens, precision=precision, pretokenized=True,
+                             **forced_ours(L))
         rows.append(dict(system=f"seq2seq {precision}", case=f"{name} forced {L}", batch=f"{max_tokens} tok",
                          seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows
@@ -99,7 +115,7 @@ def run_ctranslate2(args, lines) -> list[dict]:
     from seq2seq.metrics import corpus_scores
 
     _, tokenizer, info = load_model(args.ckpt)
-    source = [tokenizer.pieces(ids) + [tokenizer.pieces([tokenizer.eos_id])[0]] for ids in tokenizer.encode(lines)]
+    source = ct2_source(tokenizer, lines)
     refs = Path(args.data_url, f"test.{info.tgt_lang}").read_text(encoding="utf-8").splitlines()[:len(lines)]
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
@@ -119,7 +135,7 @@ def run_ctranslate2(args, lines) -> list[dict]:
                                  sentences=len(lines), tokens=sum(len(r.hypotheses[0]) + 1 for r in out), bleu=bleu))
                 start = time.perf_counter()
                 translator.translate_batch(source, beam_size=beam, max_batch_size=budget, batch_type="tokens",
-                                           min_decoding_length=L, max_decoding_length=L)
+                                           **forced_ct2(L))
                 rows.append(dict(system=f"CT2 {compute_type}", case=f"{name} forced {L}", batch=f"{budget} tok",
                                  seconds=time.perf_counter() - start, sentences=len(lines), tokens=L * len(lines)))
     return rows

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import checkpoint_facts, test_lines  # noqa: E402  (bench/ is not a package)
+from decode import checkpoint_facts, ct2_source, forced_ct2, forced_ours, test_lines  # noqa: E402  (bench/: no package)
 
 from seq2seq.hardware import choose_precision, machine_report, this_machine  # noqa: E402
 
@@ -44,9 +44,8 @@ def ours(args, lines, precision: str):
     translator = Translator.from_checkpoint(args.ckpt, device="cpu")
 
     def run(beam: int, forced: int | None) -> None:
-        length = dict(max_len_a=0, max_len_b=forced - 1, min_len=forced - 1) if forced else {}
         translator.translate(lines, beam_size=beam, max_tokens=args.max_tokens, precision=precision,
-                             pretokenized=True, **length)  # forced: L - 1 tokens + eos, as CT2's L
+                             pretokenized=True, **(forced_ours(forced) if forced else {}))
     return run
 
 
@@ -58,16 +57,14 @@ def ctranslate2_runner(args, lines, model_dir: str):
     from seq2seq.export import export_ctranslate2
 
     _, tokenizer, _ = load_model(args.ckpt)
-    eos = tokenizer.pieces([tokenizer.eos_id])[0]
-    source = [tokenizer.pieces(ids) + [eos] for ids in tokenizer.encode(lines)]
+    source = ct2_source(tokenizer, lines)
     export_ctranslate2(args.ckpt, model_dir)
     translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=args.compute_type, inter_threads=1,
                                         intra_threads=torch.get_num_threads())
 
     def run(beam: int, forced: int | None) -> None:
-        length = dict(min_decoding_length=forced, max_decoding_length=forced) if forced else {}
         translator.translate_batch(source, beam_size=beam, max_batch_size=args.max_tokens, batch_type="tokens",
-                                   **length)
+                                   **(forced_ct2(forced) if forced else {}))
     return run
 
 

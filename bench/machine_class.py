@@ -98,12 +98,16 @@ def model_to_decode(args, out: Path, smoke_run: dict) -> Path:
     return run_dir / "checkpoints" / "best.ckpt"
 
 
+def decoding_inputs(args, out: Path) -> tuple[int, str]:
+    """What both decoding steps translate: (tokens per sentence in the forced-length rows, the test set's folder)."""
+    return (5, str(out / "data" / "demo")) if args.demo else (20, args.data_url)
+
+
 def decoding(args, out: Path, ckpt: Path) -> dict:
     """bench/decode.py: our best against HF Marian's and CTranslate2's, per case, and auto against ours."""
-    forced = 5 if args.demo else 20  # tokens per sentence in the forced-length rows
+    forced, data_url = decoding_inputs(args, out)
     quick = ["--limit", "16", "--budgets", "512", "--marian-batches", "16"] if args.demo else \
         ["--budgets", "4096", "16384", "--marian-batches", "64", "128", "256"]
-    data_url = str(out / "data" / "demo") if args.demo else args.data_url
     text = step("decoding vs HF generate and CTranslate2", [sys.executable, "bench/decode.py", "--ckpt", str(ckpt),
                                                              "--data-url", data_url, "--rounds", str(args.rounds),
                                                              "--forced-len", str(forced), *quick], out / "decode.log")
@@ -120,9 +124,8 @@ def decoding(args, out: Path, ckpt: Path) -> dict:
 def head_to_head(args, out: Path, ckpt: Path) -> dict:
     """bench/head_to_head.py: ours at `auto` against CTranslate2 int8 in alternating passes, per case the
     median ratio and its range (the ratio decode.py's one-system-after-another rows cannot pin down on a VM)."""
-    forced = 5 if args.demo else 20
+    forced, data_url = decoding_inputs(args, out)
     quick = ["--limit", "16", "--max-tokens", "512", "--rounds", "2"] if args.demo else ["--rounds", "6"]
-    data_url = str(out / "data" / "demo") if args.demo else args.data_url
     text = step("head to head with CTranslate2 int8", [sys.executable, "bench/head_to_head.py", "--ckpt", str(ckpt),
                                                         "--data-url", data_url, "--forced-len", str(forced), *quick],
                 out / "head_to_head.log")
