@@ -53,6 +53,7 @@ class Machine:
     cuda: bool
     cuda_bf16: bool
     gpu: str  # the CUDA device's name, "" without one
+    gpus: int = 0  # CUDA devices torch can use
     cpu_int8: bool = True  # this torch build and CPU run int8 decoding (seq2seq/int8.py: int8_kernel)
     isa_caps: str = ""  # instruction-set caps set in the environment (`isa_caps()`), "" for none
 
@@ -173,7 +174,8 @@ def probe_machine() -> Machine:
     cuda = torch.cuda.is_available()
     return Machine(cpu_model=cpu_model(), cpu_isa=isa, cpu_native_bf16=native_bf16, threads=torch.get_num_threads(),
                    cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-                   gpu=torch.cuda.get_device_name() if cuda else "", cpu_int8=cpu_int8_kernels(), isa_caps=caps)
+                   gpu=torch.cuda.get_device_name() if cuda else "", gpus=torch.cuda.device_count() if cuda else 0,
+                   cpu_int8=cpu_int8_kernels(), isa_caps=caps)
 
 
 def precision_name(value) -> str:
@@ -237,8 +239,35 @@ def training_precision(requested, accelerator: str, machine: Machine, d_model: i
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.cuda)
     precision, reason = choose_precision(requested, "cuda" if cuda else "cpu", training=True, machine=machine,
                                          d_model=d_model)
-    log_choice("training", precision, reason)
+    log_choice(f"training precision {precision}: {reason}")
     return LIGHTNING_PRECISION[precision]
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # trainer.accelerator: Lightning's names that this project trains on
+
+
+def training_accelerator(requested, devices, machine: Machine) -> str:
+    """Lightning's accelerator to train on, logged once with why: `auto` (trainer=auto, the default) the CUDA
+    GPU when there is one, else the CPU; cpu, gpu and cuda as given, checked here, where Lightning would stop
+    with a traceback (a GPU asked for on a machine without one, more GPUs than it has).
+
+    Args: requested: trainer.accelerator; devices: trainer.devices (an int is checked against the GPUs here).
+    Returns: "gpu" or "cpu".
+    """
+    if requested not in ACCELERATORS:
+        raise Seq2SeqError(f"trainer.accelerator={requested}: expected one of {', '.join(ACCELERATORS)} "
+                           "(auto: the CUDA GPU when there is one, else the CPU)")
+    if requested == "cpu" or (requested == "auto" and not machine.cuda):
+        why = "as asked" if requested == "cpu" else f"no CUDA GPU that torch {torch.__version__} can use"
+        log_choice(f"training on cpu: {why}")
+        return "cpu"
+    if not machine.cuda:
+        raise Seq2SeqError(f"trainer.accelerator={requested}: this machine has no CUDA GPU that torch "
+                           f"{torch.__version__} can use; use trainer=auto or trainer=cpu")
+    if isinstance(devices, int) and devices > machine.gpus:
+        raise Seq2SeqError(f"trainer.devices={devices}: only {machine.gpus} CUDA GPU(s) here")
+    log_choice(f"training on cuda: {machine.gpu or 'the CUDA GPU'}{', as asked' if requested != 'auto' else ''}")
+    return "gpu"
 
 
 def resolve_device(device: str, machine: Machine) -> torch.device:
@@ -255,8 +284,8 @@ def resolve_device(device: str, machine: Machine) -> torch.device:
         if not machine.cuda:
             raise Seq2SeqError(f"device={device}: this machine has no CUDA GPU that torch {torch.__version__} "
                                "can use; use device=cpu or device=auto")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise Seq2SeqError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if resolved.index is not None and resolved.index >= machine.gpus:
+            raise Seq2SeqError(f"device={device}: only {machine.gpus} CUDA device(s) here")
     return resolved
 
 
@@ -305,12 +334,12 @@ def this_machine() -> Machine:
 _LOGGED: set = set()
 
 
-def log_choice(what: str, precision: str, reason: str) -> None:
-    """Log a choice once per process (a Translator decodes many batches; sweeps train many runs)."""
-    key = (what, precision, reason)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info("%s precision %s: %s", what, precision, reason)
+def log_choice(line: str) -> None:
+    """Log a choice and its reason once per process (a Translator decodes many batches; sweeps train many
+    runs): `training precision bf16: ...`, `training on cuda: ...`."""
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.info("%s", line)
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 2.0) -> float:
@@ -349,16 +378,17 @@ INT8_KERNELS = {"fixed": "fbgemm's int8 GEMM at one fixed activation scale",
 
 def auto_choices(machine: Machine, d_model: int | None) -> list[str]:
     """What `auto` picks here, as lines `run.py machine` prints: the precision for training and for
-    decoding on each device this machine has, with the reasons logged when they are picked, then the
-    device `device=auto` decodes on. d_model: the model's width (None: wide enough)."""
+    decoding on each device this machine has, with the reasons logged when they are picked, then where
+    `trainer=auto` trains and `device=auto` decodes. d_model: the model's width (None: wide enough)."""
     devices = ["cpu"] + (["cuda"] if machine.cuda else [])
     lines = [f"precision=auto{f' for d_model {d_model}' if d_model else ''}:"]
     for device in devices:
         for training in (True, False):
             precision, reason = choose_precision("auto", device, training, machine, d_model)
             lines.append(f"  {'training' if training else 'decoding'} on {device:<4}  {precision:<4}  {reason}")
-    lines.append(f"device=auto decodes on {resolve_device('auto', machine)}"
-                 f"{'' if machine.cuda else ' (no CUDA GPU that this torch can use)'}")
+    none = '' if machine.cuda else ' (no CUDA GPU that this torch can use)'
+    lines.append(f"trainer=auto trains on {'cuda' if machine.cuda else 'cpu'}{none}")
+    lines.append(f"device=auto decodes on {resolve_device('auto', machine)}{none}")
     return lines
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import Seq2SeqError
@@ -22,7 +23,7 @@ from seq2seq.config import build_config, run_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
-from seq2seq.hardware import share_cpu_budget, this_machine, training_precision
+from seq2seq.hardware import share_cpu_budget, this_machine, training_accelerator, training_precision
 from seq2seq.lit_module import MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
@@ -121,6 +122,7 @@ def train_job(cfg: DictConfig) -> float:
                            "trainer.max_time (or optim.decay=inverse_sqrt)")
     run = run_config(cfg)
     val_search = build_config(SearchConfig, cfg.validation, "validation")
+    accelerator = training_accelerator(cfg.trainer.accelerator, cfg.trainer.devices, this_machine())
     L.seed_everything(run.seed, workers=True)
     out = Path(cfg.output_dir)
     datamodule = TranslationDataModule(data_cfg, cache_dir=Path(cfg.data_dir) / "cache", seed=run.seed)
@@ -147,6 +149,7 @@ def train_job(cfg: DictConfig) -> float:
     if trainer_cfg["val_check_interval"] == "auto":
         batches = len(datamodule.train_dataloader())
         trainer_cfg["val_check_interval"], trainer_cfg["check_val_every_n_epoch"] = validation_interval(batches)
+    trainer_cfg["accelerator"] = accelerator
     trainer_cfg["precision"] = training_precision(trainer_cfg["precision"], trainer_cfg["accelerator"], this_machine(),
                                                 model_cfg.d_model)
     if trainer_cfg["accelerator"] == "cpu" and isinstance(trainer_cfg["devices"], int):
@@ -158,7 +161,10 @@ def train_job(cfg: DictConfig) -> float:
         callbacks.append(LearningRateMonitor("step"))
     else:
         trainer_cfg["logger"] = False
-    trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    try:
+        trainer = L.Trainer(**trainer_cfg, default_root_dir=out, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    except (MisconfigurationException, ValueError, TypeError) as e:  # a trainer key Lightning refuses
+        raise Seq2SeqError(f"trainer: {e}") from None
 
     log.info("machine: %s", this_machine().describe())
     log.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")

@@ -67,7 +67,7 @@ class Translator:
             self.model.to(self.device)
         precision, reason = choose_precision(search.precision, self.device.type, training=False,
                                              machine=this_machine(), d_model=self.model.cfg.d_model)
-        log_choice("decoding", precision, reason)
+        log_choice(f"decoding precision {precision}: {reason}")
         if precision == "int8":
             self.int8_model = self.int8_model or int8_copy(self.model)
             yield self.int8_model

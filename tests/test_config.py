@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from seq2seq import Seq2SeqError
@@ -53,6 +54,8 @@ def test_heads_must_divide_d_model(tmp_path):
     ("model.max_len=64", ["error: model.max_len=64 must exceed data.max_len=64"]),
     ("patience=abc", ["error: patience='abc': expected int"]),
     ("keep_last=-1", ["error: bad run config: keep_last=-1 must not be negative"]),
+    ("trainer.accelerator=mps", ["error: trainer.accelerator=mps: expected one of auto, cpu, gpu, cuda"]),
+    ("+trainer.foo=1", ["error: trainer: ", "'foo'"]),  # a key Lightning's Trainer refuses
 ])
 def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, names, tmp_path):
     proc = run_py("train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}/run")
@@ -60,6 +63,17 @@ def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, na
     line = proc.stderr.strip()
     assert line.startswith("error: ") and len(line.splitlines()) == 1, proc.stderr
     assert all(name in line for name in names), line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_gpu_the_machine_lacks_is_one_line(tmp_path):
+    """trainer=gpu without a CUDA GPU, or more GPUs than there are: Lightning would stop with a traceback."""
+    proc = run_py("train", "experiment=smoke", "trainer=gpu", "trainer.devices=99", f"hydra.run.dir={tmp_path}/run")
+    expected = (f"error: trainer.devices=99: only {torch.cuda.device_count()} CUDA GPU(s) here" if torch.cuda.is_available()
+                else f"error: trainer.accelerator=gpu: this machine has no CUDA GPU that torch {torch.__version__} "
+                     "can use; use trainer=auto or trainer=cpu")
+    assert proc.returncode == 1 and proc.stderr.strip() == expected
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

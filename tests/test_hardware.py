@@ -1,5 +1,6 @@
 """The precision and device chosen from the hardware (its answers faked), and int8 decoding against fp32."""
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import seq2seq.hardware
 import seq2seq.int8
 from seq2seq import Seq2SeqError
 from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_kernels, fit_threads_to_cpu_budget,
-                              precision_name, resolve_device, share_cpu_budget, training_precision)
+                              precision_name, resolve_device, share_cpu_budget, training_accelerator,
+                              training_precision)
 from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
@@ -23,8 +25,10 @@ AVX2 = Machine("AMD EPYC", "AVX2", cpu_native_bf16=False, threads=2, cuda=False,
 AVX512 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=2, cuda=False, cuda_bf16=False, gpu="")
 ZEN5 = Machine("AMD EPYC", "AVX512-BF16", cpu_native_bf16=True, threads=2, cuda=False, cuda_bf16=False, gpu="")
 AMX = Machine("Intel Xeon", "AMX", cpu_native_bf16=True, threads=2, cuda=False, cuda_bf16=False, gpu="")
-H200 = Machine("Intel Xeon", "AMX", cpu_native_bf16=True, threads=16, cuda=True, cuda_bf16=True, gpu="NVIDIA H200")
-T4 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=4, cuda=True, cuda_bf16=False, gpu="Tesla T4")
+H200 = Machine("Intel Xeon", "AMX", cpu_native_bf16=True, threads=16, cuda=True, cuda_bf16=True, gpu="NVIDIA H200",
+               gpus=1)
+T4 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=4, cuda=True, cuda_bf16=False, gpu="Tesla T4",
+             gpus=2)
 
 
 @pytest.mark.parametrize("machine, device, training_choice, decoding_choice", [
@@ -213,6 +217,25 @@ def test_training_precision_speaks_lightnings_names():
     assert training_precision("auto", "cpu", AMX, d_model=64) == "32-true"
 
 
+def test_training_accelerator(caplog, monkeypatch):
+    """trainer=auto (the default) trains on the CUDA GPU when there is one, else on the CPU, and says so once;
+    a GPU that is not there, or too few of them, is one line before any work, not Lightning's traceback."""
+    monkeypatch.setattr(seq2seq.hardware, "_LOGGED", set())  # each choice is logged once per process
+    with caplog.at_level(logging.INFO, logger="seq2seq.hardware"):
+        assert training_accelerator("auto", 1, H200) == "gpu"
+        assert training_accelerator("auto", 1, AMX) == "cpu"
+    assert "training on cuda: NVIDIA H200" in caplog.text
+    assert f"training on cpu: no CUDA GPU that torch {torch.__version__} can use" in caplog.text
+    assert training_accelerator("cpu", 2, H200) == "cpu"  # DDP on 2 CPU processes, on a GPU machine too
+    assert training_accelerator("gpu", 2, T4) == training_accelerator("cuda", "auto", T4) == "gpu"
+    with pytest.raises(Seq2SeqError, match="^trainer.accelerator=gpu: this machine has no CUDA GPU .*trainer=auto"):
+        training_accelerator("gpu", 1, AVX2)
+    with pytest.raises(Seq2SeqError, match="^trainer.devices=2: only 1 CUDA GPU"):
+        training_accelerator("auto", 2, H200)
+    with pytest.raises(Seq2SeqError, match="^trainer.accelerator=mps: expected one of auto, cpu, gpu, cuda"):
+        training_accelerator("mps", 1, AMX)
+
+
 def test_devices():
     assert resolve_device("auto", AMX) == torch.device("cpu")
     assert resolve_device("cpu", H200) == torch.device("cpu")
@@ -325,11 +348,12 @@ def test_cli_takes_precision_32_and_bf16_and_refuses_a_missing_gpu(smoke_run):
 
 
 @pytest.mark.parametrize("machine, d_model, expected", [
-    (AVX2, 256, ["training on cpu   32 ", "decoding on cpu   int8", "device=auto decodes on cpu (no CUDA GPU"]),
+    (AVX2, 256, ["training on cpu   32 ", "decoding on cpu   int8", "trainer=auto trains on cpu (no CUDA GPU",
+                 "device=auto decodes on cpu (no CUDA GPU"]),
     (AMX, 256, ["training on cpu   bf16", "decoding on cpu   bf16", "device=auto decodes on cpu (no CUDA GPU"]),
     (AMX, 64, ["training on cpu   32    d_model 64 < 128", "decoding on cpu   32    d_model 64 < 128"]),
     (H200, 256, ["training on cpu   bf16", "training on cuda  bf16  NVIDIA H200", "decoding on cuda  bf16",
-                 "device=auto decodes on cuda"]),
+                 "trainer=auto trains on cuda", "device=auto decodes on cuda"]),
     (T4, 256, ["training on cpu   32 ", "decoding on cpu   int8", "training on cuda  16    Tesla T4 has no bf16",
                "device=auto decodes on cuda"]),
 ])
@@ -338,7 +362,7 @@ def test_run_py_machine_says_what_auto_picks(machine, d_model, expected):
     assert lines[0] == f"precision=auto for d_model {d_model}:"
     for line in expected:  # each in its place: a training row, then the decoding row, per device
         assert sum(row.strip().startswith(line.strip()) for row in lines) == 1, (line, lines)
-    assert len(lines) == 2 + 2 * (1 + machine.cuda)
+    assert len(lines) == 3 + 2 * (1 + machine.cuda)
 
 
 @pytest.mark.slow
