@@ -64,6 +64,7 @@ def evaluate(cfg: DictConfig) -> dict:
     search = search_config(cfg)
     check_flag("pretokenized", cfg.pretokenized)
     translator = Translator.from_checkpoint(checkpoints(cfg.ckpt), device=search.device)
+    translator.check(search)
     pretokenized = cfg.src is None or cfg.pretokenized  # the corpus's own test split is in its own form
     hyp_path = hypotheses_path(cfg, translator.info.tgt_lang)
     check_output(str(hyp_path))

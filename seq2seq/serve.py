@@ -250,5 +250,6 @@ def serve(cfg) -> None:
                           top_level=True)
     worker = translation_thread()
     translator = worker.submit(load_translator, cfg.backend, checkpoints(cfg.ckpt), search.device).result()
+    worker.submit(translator.check, search).result()  # a precision the device lacks: one line, not a 500 per request
     uvicorn.run(create_app(translator, search, limits, worker), host=cfg.host, port=int(cfg.port), log_level="info",
                 timeout_graceful_shutdown=30)

@@ -48,6 +48,7 @@ def translate(cfg: DictConfig) -> None:
         return translate_sharded(cfg, search)
     prefixes = iter_lines(str(cfg.prefix), cfg.errors, HINT) if cfg.prefix is not None else None
     translator = load_translator(cfg.backend, checkpoints(cfg.ckpt), search.device)
+    translator.check(search)
     interactive = source == "-" and sys.stdin.isatty()
     chunk_lines = 1 if interactive else cfg.chunk_lines
     bar = tqdm(disable=not cfg.progress or interactive, file=sys.stderr, unit="line")

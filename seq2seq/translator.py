@@ -77,6 +77,12 @@ class Translator:
         else:
             yield self.model
 
+    def check(self, search: SearchConfig) -> None:
+        """Refuse a device or precision this machine cannot give before any line is read: one line, not an
+        error after a progress bar has started (int8: the int8 copy is made here, once)."""
+        with self.decoding(search):
+            pass
+
     def prepare(self, lines: list[str], pretokenized: bool = False, side: str = "src") -> list[str]:
         """What the model reads: each line cleaned as training did and, for raw text and a model trained on
         a pre-tokenized corpus, lowercased and word-segmented like that corpus (`side`: src or tgt text)."""
@@ -216,9 +222,15 @@ class CTranslate2Translator(Translator):
 
         compute_type = {"auto": "auto", "32": "float32", "bf16": "bfloat16", "16": "float16", "int8": "int8"}[precision]
         if compute_type not in self.ct2:
-            self.ct2[compute_type] = ctranslate2.Translator(str(self.model_dir), device=self.device.type,
-                                                            compute_type=compute_type)
+            try:
+                self.ct2[compute_type] = ctranslate2.Translator(str(self.model_dir), device=self.device.type,
+                                                                compute_type=compute_type)
+            except ValueError as e:  # a compute type this device does not run (bf16 or float16 on this CPU)
+                raise Seq2SeqError(f"precision={precision} on {self.device.type}: CTranslate2: {e}") from None
         return self.ct2[compute_type]
+
+    def check(self, search: SearchConfig) -> None:
+        self.runtime(search.precision)
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
                         pretokenized: bool = False, prefixes: list[str] | None = None,

@@ -79,6 +79,11 @@ def test_ctranslate2_export_decodes_like_our_greedy_search(smoke_run, tmp_path, 
                     *args, *cut)
     assert theirs.stdout == ours.stdout, theirs.stderr
 
+    proc = run_py("translate", "backend=ctranslate2", f"ckpt={tmp_path}/ct2", "device=cpu", "precision=16",
+                  input="a\n")  # a compute type CTranslate2 refuses here: one line, before any work
+    assert proc.returncode == 1 and proc.stderr.startswith("error: precision=16 on cpu: CTranslate2: ") \
+        and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
     proc = run_py("export", f"ckpt={ckpt}", "format=onnx", f"output={tmp_path}/x")
     assert proc.returncode == 1 and "format='onnx': expected one of ctranslate2" in proc.stderr
     proc = run_py("export", f"ckpt={ckpt}", f"output={tmp_path}/ct2")

@@ -347,6 +347,22 @@ def test_cli_takes_precision_32_and_bf16_and_refuses_a_missing_gpu(smoke_run):
             f"{torch.__version__} can use; use device=cpu or device=auto"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["translate", "evaluate", "serve"])
+def test_a_precision_the_device_lacks_is_one_line_before_any_work(smoke_run, command, tmp_path):
+    """precision=16 on a CPU is refused before a progress bar starts (translate, evaluate) or the service
+    listens (serve: otherwise every request would fail), in one line."""
+    (tmp_path / "src.en").write_text("The cat eats the fish.\n")
+    (tmp_path / "ref.ja").write_text("猫は魚を食べる。\n")
+    args = {"evaluate": [f"src={tmp_path}/src.en", f"ref={tmp_path}/ref.ja", f"output={tmp_path}/hyp.ja"],
+            "serve": ["port=0"]}.get(command, [])
+    proc = run_py(command, f"ckpt={smoke_run}/checkpoints/best.ckpt", "device=cpu", "precision=16", *args,
+                  input="The cat eats the fish.\n", timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); use auto, 32 or bf16"]
+    assert not (tmp_path / "hyp.ja").exists()
+
+
 @pytest.mark.parametrize("machine, d_model, expected", [
     (AVX2, 256, ["training on cpu   32 ", "decoding on cpu   int8", "trainer=auto trains on cpu (no CUDA GPU",
                  "device=auto decodes on cpu (no CUDA GPU"]),
