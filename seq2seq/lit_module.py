@@ -237,8 +237,11 @@ class TokenThroughput(L.Callback):
 class BudgetSchedule(L.Callback):
     """Under a time budget (trainer.max_time), fit the learning-rate schedule to the steps the budget buys:
     the warmup is cut to `optim.max_warmup_share` of them, estimated from the speed of the first
-    `probe_steps` steps; with decay=linear, the decay ends at the budget's last step, re-estimated after
-    each validation from the time spent so far (validation included) and the time left.
+    `probe_steps` steps; with decay=linear, the decay ends at the budget's last step. Both are re-estimated
+    after each validation from the time spent so far (validation included) and the time left, the warmup
+    while it lasts: a machine whose speed changes after the probe (a laptop that throttles once warm, other
+    jobs on a shared server) keeps its warmup near the share, where the probe alone made it 39% of the
+    steps in a run slowed by other work after its probe.
 
     Why: a schedule fixed in steps suits one machine. The 60-minute en->ja recipe's 1,000 warmup steps were
     18% of the 5,495 steps an AMX CPU makes in the hour, and 93% of the 1,071 an AVX2 CPU makes in fp32.
@@ -267,14 +270,26 @@ class BudgetSchedule(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        if pl_module.optim.decay != "linear" or trainer.sanity_checking or step <= self.probe_steps:
+        if trainer.sanity_checking or step <= self.probe_steps:
             return
         timer = self.timer(trainer)
         per_step = timer.time_elapsed("train") / step  # validation's share of the time included
         steps = trainer.strategy.broadcast(round(step + timer.time_remaining() / per_step))  # rank 0's clock
-        pl_module.total_steps = self.capped(trainer, max(step + 1, steps))
-        log.info("step %d: the time left buys about %d steps more; the learning rate reaches zero at step %d",
-                 step, pl_module.total_steps - step, pl_module.total_steps)
+        if step < pl_module.warmup_steps:
+            self.refit_warmup(step, steps, pl_module)
+        if pl_module.optim.decay == "linear":
+            pl_module.total_steps = self.capped(trainer, max(step + 1, steps))
+            log.info("step %d: the time left buys about %d steps more; the learning rate reaches zero at step %d",
+                     step, pl_module.total_steps - step, pl_module.total_steps)
+
+    def refit_warmup(self, step: int, steps: int, pl_module) -> None:
+        """Still warming up at `step`, with about `steps` in all now: the warmup becomes max_share of them
+        (at most optim.warmup_steps; ending at the next step at the earliest)."""
+        warmup = max(step + 1, min(pl_module.optim.warmup_steps, round(self.max_share * steps)))
+        if warmup != pl_module.warmup_steps:
+            log.info("step %d: the time budget now buys about %d steps: warmup %d steps (was %d)",
+                     step, steps, warmup, pl_module.warmup_steps)
+            pl_module.warmup_steps = warmup
 
     @staticmethod
     def capped(trainer, steps: int) -> int:

@@ -372,6 +372,30 @@ def test_the_time_budget_fits_the_schedule_to_the_steps_it_buys(decay):
     assert module.total_steps == (120 if decay == "linear" else None)
 
 
+@pytest.mark.parametrize("elapsed, steps, warmup", [
+    (160.0, 75, 41),  # 4 s a step since the probe's 1 s (throttled, or other jobs): 75 steps in all; ends next step
+    (32.5, 369, 74),  # faster than the probe's first steps: 369 steps in all, 20% of them
+])
+def test_a_validation_during_the_warmup_refits_it_to_the_speed_since(elapsed, steps, warmup):
+    """The probe (30 steps of 1 s, 270 s left) sets a 60-step warmup; at a validation at step 40 the time
+    spent says the budget buys `steps` in all: the warmup becomes 20% of them (at least to the next step,
+    at most optim.warmup_steps=100), and a validation after the warmup changes it no more."""
+    module, timer = schedule_module("inverse_sqrt"), Timer(duration="00:00:10:00")
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False,
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    timer.time_remaining = lambda: 270.0
+    budget = BudgetSchedule(max_share=0.2, probe_steps=30)
+    budget.seconds, budget.start, trainer.global_step = 30.0, time.perf_counter(), 30  # 30 steps of 1 s
+    budget.on_train_batch_end(trainer, module, None, None, 30)
+    assert module.warmup_steps == 60
+    trainer.global_step, timer.time_elapsed, timer.time_remaining = 40, lambda stage: elapsed, lambda: 300.0 - elapsed
+    budget.on_validation_end(trainer, module)
+    assert round(40 + (300.0 - elapsed) / (elapsed / 40)) == steps and module.warmup_steps == warmup
+    trainer.global_step, timer.time_elapsed, timer.time_remaining = warmup + 10, lambda stage: 290.0, lambda: 10.0
+    budget.on_validation_end(trainer, module)
+    assert module.warmup_steps == warmup
+
+
 def test_linear_decay_without_an_end_is_a_config_error(tmp_path, data_dir):
     cfg = compose_train(["experiment=smoke", "optim.decay=linear", "trainer.max_steps=-1", f"data_dir={data_dir}",
                          f"output_dir={tmp_path}"])
