@@ -61,8 +61,10 @@ def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: f
     return (max_len_a * src_len + max_len_b).long().clamp(max=model.cfg.max_len - 1)
 
 
-ENCODE_GROUP_ROWS = 64  # rows the encoder takes at a time in a larger batch (encode_by_length) ...
+ENCODE_GROUP_ROWS = 64  # rows the encoder takes at a time in a larger batch on a CPU (encode_by_length) ...
 ENCODE_GROUP_PADDING = 0.25  # ... where at least this share of the batch's positions is padding
+CPU_LOGIT_ROWS = 64  # top_next_tokens on a CPU: rows of logits per block, which then stays in the CPU's cache
+GPU_LOGIT_ELEMENTS = 2 ** 26  # ... on a GPU: blocks of at most this many logits (256 MB in fp32), for memory alone
 
 
 def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
@@ -70,9 +72,12 @@ def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.
     group cut to its own longest row. A token-budget batch pads every row to the longest of them all, and
     the encoder pays for each padded position (the 500 small_parallel_enja test sentences in one batch:
     5,370 real tokens of 11,000). Positions past a group's longest row stay zero; src_pad_mask hides them.
-    A batch of rows of about one length is encoded whole: there, groups cost more calls than they save.
+    A batch of rows of about one length is encoded whole: there, groups cost more calls than they save. So is
+    any batch on a GPU, where padded positions cost little next to the kernel launches of each group and the
+    wait for its longest row's length (a host sync per group).
     """
-    if src.size(0) <= ENCODE_GROUP_ROWS or src_pad_mask.float().mean() < ENCODE_GROUP_PADDING:
+    if src.device.type != "cpu" or src.size(0) <= ENCODE_GROUP_ROWS or \
+            src_pad_mask.float().mean() < ENCODE_GROUP_PADDING:
         return model.encode(src, src_pad_mask)
     lengths = (~src_pad_mask).sum(1)  # (B,)
     memory = None
@@ -216,15 +221,18 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
 
 
 def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor,
-                    forced: torch.Tensor | None = None, rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                    forced: torch.Tensor | None = None, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
-    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time so
-    that each (rows, V) block of logits stays in the CPU cache through the projection, the fp32
-    log-normalizer and the top-k (one pass over memory, not five). `forced` (N,): a token id a row must
-    take (a target prefix), or -1.
+    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time: on a CPU
+    CPU_LOGIT_ROWS, so that each (rows, V) block of logits stays in the CPU cache through the projection,
+    the fp32 log-normalizer and the top-k (one pass over memory, not five); on a GPU, which has no such
+    cache to keep and pays a launch for each kernel of each block, blocks of up to GPU_LOGIT_ELEMENTS
+    logits. `forced` (N,): a token id a row must take (a target prefix), or -1.
     """
+    if rows_per_chunk is None:
+        rows_per_chunk = CPU_LOGIT_ROWS if h.device.type == "cpu" else max(1, GPU_LOGIT_ELEMENTS // model.cfg.vocab_size)
     top_log_probs, top_ids = [], []
     any_forced = forced is not None and bool((forced >= 0).any())  # read back once a step, not once a chunk
     any_end = bool(must_end.any())

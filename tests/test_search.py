@@ -6,7 +6,7 @@ import torch
 
 from seq2seq.attention import KVCache
 from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
-                            greedy_search)
+                            greedy_search, top_next_tokens)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.conftest import HostSyncs, batch
 
@@ -211,6 +211,21 @@ def test_blockwise_topk_equals_topk(V):
     values, ids = blockwise_topk(x, 10)
     expected_values, expected_ids = x.topk(10, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+
+
+def test_the_next_tokens_are_the_same_in_blocks_of_rows_as_all_at_once(tiny_model):
+    """Blocks of 64 rows (a CPU's cache) or one block (a GPU): the same log P and ids, with forced rows, rows
+    at their length limit and eos not yet allowed in the same step."""
+    torch.manual_seed(0)
+    N = 150
+    h = torch.randn(N, tiny_model.cfg.d_model)
+    must_end = torch.rand(N) < 0.1
+    forced = torch.where((torch.rand(N) < 0.1) & ~must_end, torch.randint(4, 40, (N,)), -1)
+    with torch.no_grad():
+        blocks = top_next_tokens(tiny_model, h, 6, eos_allowed=False, must_end=must_end, forced=forced, rows_per_chunk=64)
+        whole = top_next_tokens(tiny_model, h, 6, eos_allowed=False, must_end=must_end, forced=forced, rows_per_chunk=N)
+    assert torch.equal(blocks[1], whole[1]) and torch.allclose(blocks[0], whole[0])
+    assert (blocks[1][must_end, 0] == EOS_ID).all() and (blocks[1][forced >= 0, 0] == forced[forced >= 0]).all()
 
 
 def test_sampling_is_reproducible_for_a_seed_and_differs_across_seeds(tiny_model):
