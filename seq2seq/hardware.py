@@ -289,6 +289,16 @@ def resolve_device(device: str, machine: Machine) -> torch.device:
     return resolved
 
 
+GPU_BLOCK_ELEMENTS = 2 ** 26  # logits a GPU computes per block: at most this many (256 MB in fp32), for memory alone
+
+
+def rows_per_block(device: torch.device, vocab_size: int, cpu_rows: int) -> int:
+    """Rows of a (rows, V) block of logits to compute at a time: on a CPU `cpu_rows`, so that the block stays
+    in the CPU's cache through the passes over it; on a GPU, which has no such cache to keep and pays a
+    kernel launch for each pass over each block, as many as GPU_BLOCK_ELEMENTS allows."""
+    return cpu_rows if device.type == "cpu" else max(1, GPU_BLOCK_ELEMENTS // vocab_size)
+
+
 def cpu_budget() -> int:
     """The CPUs this process may use: the fewest of the machine's, its affinity mask's and a container's CPU
     quota (cgroup v1 or v2: `docker --cpus`, a Kubernetes limit), as joblib counts them. torch counts cores."""

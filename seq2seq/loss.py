@@ -8,6 +8,10 @@ h and E; nothing (N, V) is ever allocated. Same value and gradients as F.cross_e
 """
 import torch
 
+from seq2seq.hardware import rows_per_block
+
+CPU_CHUNK_ROWS = 256  # rows per chunk on a CPU: a (rows, V) buffer that stays in its cache
+
 
 class FusedProjectionCrossEntropy(torch.autograd.Function):
     """loss = mean_i [(1 - eps) * NLL_i + eps * mean_v(-log p_iv)],  logits = h @ weight^T."""
@@ -53,10 +57,13 @@ class FusedProjectionCrossEntropy(torch.autograd.Function):
 
 
 def projection_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                             label_smoothing: float = 0.0, chunk_rows: int = 256) -> torch.Tensor:
+                             label_smoothing: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
     """Mean label-smoothed cross-entropy of logits h @ weight^T against target.
 
     Args: h (N, D) decoder states of real target positions; weight (V, D) output embedding;
-    target (N,) token ids. Returns a scalar.
+    target (N,) token ids; chunk_rows: rows at a time (default: CPU_CHUNK_ROWS on a CPU; on a GPU, which
+    has no cache to keep them in and pays kernel launches per chunk, as many as `rows_per_block` allows).
+    Returns a scalar.
     """
+    chunk_rows = chunk_rows or rows_per_block(h.device, weight.size(0), CPU_CHUNK_ROWS)
     return FusedProjectionCrossEntropy.apply(h, weight, target, label_smoothing, chunk_rows)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from seq2seq import Seq2SeqError
-from seq2seq.hardware import precision_name
+from seq2seq.hardware import precision_name, rows_per_block
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -64,7 +64,6 @@ def max_output_lens(src_pad_mask: torch.Tensor, model: Transformer, max_len_a: f
 ENCODE_GROUP_ROWS = 64  # rows the encoder takes at a time in a larger batch on a CPU (encode_by_length) ...
 ENCODE_GROUP_PADDING = 0.25  # ... where at least this share of the batch's positions is padding
 CPU_LOGIT_ROWS = 64  # top_next_tokens on a CPU: rows of logits per block, which then stays in the CPU's cache
-GPU_LOGIT_ELEMENTS = 2 ** 26  # ... on a GPU: blocks of at most this many logits (256 MB in fp32), for memory alone
 
 
 def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
@@ -225,14 +224,12 @@ def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bo
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
-    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time: on a CPU
-    CPU_LOGIT_ROWS, so that each (rows, V) block of logits stays in the CPU cache through the projection,
-    the fp32 log-normalizer and the top-k (one pass over memory, not five); on a GPU, which has no such
-    cache to keep and pays a launch for each kernel of each block, blocks of up to GPU_LOGIT_ELEMENTS
-    logits. `forced` (N,): a token id a row must take (a target prefix), or -1.
+    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time (by default
+    `rows_per_block`: on a CPU CPU_LOGIT_ROWS, so that each (rows, V) block of logits stays in the CPU cache
+    through the projection, the fp32 log-normalizer and the top-k, one pass over memory, not five; on a GPU
+    as many as its memory bound allows). `forced` (N,): a token id a row must take (a target prefix), or -1.
     """
-    if rows_per_chunk is None:
-        rows_per_chunk = CPU_LOGIT_ROWS if h.device.type == "cpu" else max(1, GPU_LOGIT_ELEMENTS // model.cfg.vocab_size)
+    rows_per_chunk = rows_per_chunk or rows_per_block(h.device, model.cfg.vocab_size, CPU_LOGIT_ROWS)
     top_log_probs, top_ids = [], []
     any_forced = forced is not None and bool((forced >= 0).any())  # read back once a step, not once a chunk
     any_end = bool(must_end.any())

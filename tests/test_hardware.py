@@ -13,8 +13,8 @@ import seq2seq.hardware
 import seq2seq.int8
 from seq2seq import Seq2SeqError
 from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_kernels, fit_threads_to_cpu_budget,
-                              precision_name, resolve_device, share_cpu_budget, training_accelerator,
-                              training_precision)
+                              precision_name, resolve_device, rows_per_block, share_cpu_budget,
+                              training_accelerator, training_precision)
 from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
@@ -234,6 +234,12 @@ def test_training_accelerator(caplog, monkeypatch):
         training_accelerator("auto", 2, H200)
     with pytest.raises(Seq2SeqError, match="^trainer.accelerator=mps: expected one of auto, cpu, gpu, cuda"):
         training_accelerator("mps", 1, AMX)
+
+
+def test_blocks_of_logits_fit_a_cpus_cache_and_a_gpus_memory():
+    assert rows_per_block(torch.device("cpu"), 8000, cpu_rows=64) == 64
+    assert rows_per_block(torch.device("cuda", 1), 8000, cpu_rows=64) == 2 ** 26 // 8000  # 8,388 rows, 256 MB fp32
+    assert rows_per_block(torch.device("cuda"), 2 ** 27, cpu_rows=64) == 1
 
 
 def test_devices():

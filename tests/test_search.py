@@ -75,7 +75,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.decoder_layers = [None]
-        self.cfg = type("cfg", (), {"max_len": 50})()
+        self.cfg = type("cfg", (), {"max_len": 50, "vocab_size": self.V})()
 
     def encode(self, src, src_pad_mask):
         return torch.zeros(src.size(0), src.size(1), 1)
