@@ -293,8 +293,10 @@ class BudgetSchedule(L.Callback):
 
     @staticmethod
     def capped(trainer, steps: int) -> int:
-        """trainer.max_steps, when given, ends the run first if it comes before the time does."""
-        return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
+        """The step limits (trainer.max_steps, or trainer.max_epochs times the batches an epoch has) end the run
+        first where they come before the time does."""
+        limit = trainer.estimated_stepping_batches  # inf where neither limits the run
+        return steps if math.isinf(limit) else min(steps, int(limit))
 
     @staticmethod
     def timer(trainer) -> Timer:

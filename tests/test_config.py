@@ -125,3 +125,15 @@ def test_the_slurm_launcher_preset_takes_nodes_and_gpus_from_the_trainer():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)
+
+
+HOUR_PRESETS = [p.stem for p in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml")) if p.stem != "smoke"]
+
+
+@pytest.mark.parametrize("preset", HOUR_PRESETS)
+def test_the_hour_presets_are_limited_by_the_hour_alone(preset, tmp_path):
+    """No epoch or step limit that a fast machine reaches first: 100 epochs of small_enja are 10,500 steps, and
+    a GPU makes them well within the hour (the schedule's end, BudgetSchedule.capped, would move there too)."""
+    cfg = compose_train([f"experiment={preset}", f"output_dir={tmp_path}"])
+    assert cfg.trainer.max_time == "00:01:00:00"
+    assert cfg.trainer.max_epochs == -1 and cfg.trainer.max_steps == -1

@@ -2,6 +2,7 @@
 a non-finite loss stops it, a killed run resumes bit-exact, a full disk is one line."""
 import csv
 import json
+import math
 import os
 from dataclasses import replace
 from types import SimpleNamespace
@@ -353,8 +354,8 @@ def test_the_time_budget_fits_the_schedule_to_the_steps_it_buys(decay):
     """30 probe steps of 1 s with 270 s left: 300 steps in all, so a 60-step warmup (20%); for decay=linear
     the end at step 300, moved after a validation to what the time left buys at the speed so far."""
     module, timer = schedule_module(decay), Timer(duration="00:00:10:00")
-    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False,
-                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, estimated_stepping_batches=math.inf,
+                              sanity_checking=False, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
     timer.time_remaining = lambda: 270.0
     budget = BudgetSchedule(max_share=0.2, probe_steps=30)
     for step in range(1, 31):
@@ -367,7 +368,7 @@ def test_the_time_budget_fits_the_schedule_to_the_steps_it_buys(decay):
     trainer.global_step, timer.time_elapsed, timer.time_remaining = 100, lambda stage: 200.0, lambda: 100.0
     budget.on_validation_end(trainer, module)  # 2 s a step with validation: 50 steps more
     assert module.total_steps == (150 if decay == "linear" else None)
-    trainer.max_steps = 120  # a step limit that comes first ends the decay there
+    trainer.estimated_stepping_batches = 120  # a step or epoch limit that comes first ends the decay there
     budget.on_validation_end(trainer, module)
     assert module.total_steps == (120 if decay == "linear" else None)
 
@@ -381,8 +382,8 @@ def test_a_validation_during_the_warmup_refits_it_to_the_speed_since(elapsed, st
     spent says the budget buys `steps` in all: the warmup becomes 20% of them (at least to the next step,
     at most optim.warmup_steps=100), and a validation after the warmup changes it no more."""
     module, timer = schedule_module("inverse_sqrt"), Timer(duration="00:00:10:00")
-    trainer = SimpleNamespace(callbacks=[timer], global_step=0, max_steps=-1, sanity_checking=False,
-                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    trainer = SimpleNamespace(callbacks=[timer], global_step=0, estimated_stepping_batches=math.inf,
+                              sanity_checking=False, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
     timer.time_remaining = lambda: 270.0
     budget = BudgetSchedule(max_share=0.2, probe_steps=30)
     budget.seconds, budget.start, trainer.global_step = 30.0, time.perf_counter(), 30  # 30 steps of 1 s
