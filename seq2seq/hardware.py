@@ -258,7 +258,7 @@ def training_accelerator(requested, devices, machine: Machine) -> str:
         raise Seq2SeqError(f"trainer.accelerator={requested}: expected one of {', '.join(ACCELERATORS)} "
                            "(auto: the CUDA GPU when there is one, else the CPU)")
     if requested == "cpu" or (requested == "auto" and not machine.cuda):
-        why = "as asked" if requested == "cpu" else f"no CUDA GPU that torch {torch.__version__} can use"
+        why = "trainer.accelerator=cpu" if requested == "cpu" else f"no CUDA GPU that torch {torch.__version__} can use"
         log_choice(f"training on cpu: {why}")
         return "cpu"
     if not machine.cuda:
@@ -266,7 +266,8 @@ def training_accelerator(requested, devices, machine: Machine) -> str:
                            f"{torch.__version__} can use; use trainer=auto or trainer=cpu")
     if isinstance(devices, int) and devices > machine.gpus:
         raise Seq2SeqError(f"trainer.devices={devices}: only {machine.gpus} CUDA GPU(s) here")
-    log_choice(f"training on cuda: {machine.gpu or 'the CUDA GPU'}{', as asked' if requested != 'auto' else ''}")
+    log_choice(f"training on cuda: {machine.gpu or 'the CUDA GPU'}"
+               f"{f' (trainer.accelerator={requested})' if requested != 'auto' else ''}")
     return "gpu"
 
 
