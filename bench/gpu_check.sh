@@ -3,7 +3,8 @@
 #   1. the GPU tests of the suite (skipped on machines without CUDA);
 #   2. `run.py train experiment=smoke trainer=gpu` (precision auto: bf16 where the GPU has it, else 16);
 #   3. translate the smoke test set on the GPU and on the CPU, greedy fp32: the outputs must agree;
-#   4. training tokens/s and beam-5 sentences/s on the GPU, next to HF Marian of the same shape on the same GPU.
+#   4. training tokens/s and beam-5 sentences/s on the GPU, next to HF Marian of the same shape on the same GPU;
+#   5. the CPU's cache blocking (64-row encoder groups and logit blocks) against the GPU's, beam 5, A/B.
 # It needs no corpus from outside: everything runs on the generated demo corpus.
 #
 # On a machine without the project's Python packages and without network (the lent GPU machines), put the
@@ -58,4 +59,30 @@ echo "== 4. speed on the GPU, side by side with HF Marian"
 python3 bench/train.py --device cuda --data demo --data-dir "$out/data" --model base --max-tokens 16384 --steps 20 --rounds 3
 python3 bench/decode.py --device cuda --ckpt "$ckpt" --data-url "$out/data/demo" --budgets 4096 16384 65536 \
     --marian-batches 64 256 1024 --rounds 1  # one round: the 8-minute budget
+
+echo "== 5. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches"
+# On a GPU the encoder takes a batch whole and logits go in blocks of up to 2^26 (seq2seq/hardware.py:
+# rows_per_block); on a CPU, 64-row encoder groups and 64-row logit blocks. Rounds alternate; sentences/s.
+python3 - "$ckpt" "$test_en" <<'EOF'
+import functools, statistics, sys, time
+import torch
+import seq2seq.search as search
+from seq2seq.translator import Translator
+ckpt, test_en = sys.argv[1:]
+lines = open(test_en, encoding="utf-8").read().splitlines() * 10
+translator = Translator.from_checkpoint(ckpt, device="cuda")
+gpu_style = (search.encode_by_length, search.rows_per_block)
+cpu_style = (functools.partial(search.encode_by_length, group_rows=search.ENCODE_GROUP_ROWS),
+             lambda device, vocab_size, cpu_rows: cpu_rows)
+def speed(style):
+    search.encode_by_length, search.rows_per_block = style
+    torch.cuda.synchronize(); start = time.perf_counter()
+    out = translator.translate(lines, beam_size=5, max_tokens=16384)
+    torch.cuda.synchronize()
+    return len(lines) / (time.perf_counter() - start), out
+speed(gpu_style); speed(cpu_style)  # warm-up
+rounds = [(speed(gpu_style), speed(cpu_style)) for _ in range(3)]
+print(f"GPU-style {statistics.median(g[0] for g, _ in rounds):.0f} sentences/s, CPU-style "
+      f"{statistics.median(c[0] for _, c in rounds):.0f}; same output: {rounds[0][0][1] == rounds[0][1][1]}")
+EOF
 echo "gpu_check: done in $((SECONDS - start)) s"

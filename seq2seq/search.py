@@ -66,21 +66,22 @@ ENCODE_GROUP_PADDING = 0.25  # ... where at least this share of the batch's posi
 CPU_LOGIT_ROWS = 64  # top_next_tokens on a CPU: rows of logits per block, which then stays in the CPU's cache
 
 
-def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
-    """The encoder's memory (B, S, D), its rows encoded ENCODE_GROUP_ROWS at a time in order of length, each
-    group cut to its own longest row. A token-budget batch pads every row to the longest of them all, and
+def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
+                     group_rows: int | None = None) -> torch.Tensor:
+    """The encoder's memory (B, S, D), its rows encoded `group_rows` (on a CPU ENCODE_GROUP_ROWS) at a time in
+    order of length, each group cut to its own longest row. A token-budget batch pads every row to the longest of them all, and
     the encoder pays for each padded position (the 500 small_parallel_enja test sentences in one batch:
     5,370 real tokens of 11,000). Positions past a group's longest row stay zero; src_pad_mask hides them.
     A batch of rows of about one length is encoded whole: there, groups cost more calls than they save. So is
     any batch on a GPU, where padded positions cost little next to the kernel launches of each group and the
     wait for its longest row's length (a host sync per group).
     """
-    if src.device.type != "cpu" or src.size(0) <= ENCODE_GROUP_ROWS or \
-            src_pad_mask.float().mean() < ENCODE_GROUP_PADDING:
+    group_rows = group_rows or (ENCODE_GROUP_ROWS if src.device.type == "cpu" else src.size(0))
+    if src.size(0) <= group_rows or src_pad_mask.float().mean() < ENCODE_GROUP_PADDING:
         return model.encode(src, src_pad_mask)
     lengths = (~src_pad_mask).sum(1)  # (B,)
     memory = None
-    for rows in lengths.argsort().split(ENCODE_GROUP_ROWS):
+    for rows in lengths.argsort().split(group_rows):
         longest = max(int(lengths[rows].max()), 1)
         part = model.encode(src[rows, :longest], src_pad_mask[rows, :longest])  # (G, longest, D)
         if memory is None:
