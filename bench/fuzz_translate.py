@@ -40,6 +40,10 @@ def main():
     rng = random.Random(args.seed)
     lines = [hostile_line(rng) for _ in range(args.lines)]
     root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from seq2seq.hardware import this_machine
+
+    print(f"machine: {this_machine().describe()}", flush=True)  # the seconds below are this machine's
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp, "fuzz.in"), Path(tmp, "fuzz.out")
         src.write_bytes(b"\n".join(lines) + b"\n")
