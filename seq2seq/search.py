@@ -69,12 +69,12 @@ CPU_LOGIT_ROWS = 64  # top_next_tokens on a CPU: rows of logits per block, which
 def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
                      group_rows: int | None = None) -> torch.Tensor:
     """The encoder's memory (B, S, D), its rows encoded `group_rows` (on a CPU ENCODE_GROUP_ROWS) at a time in
-    order of length, each group cut to its own longest row. A token-budget batch pads every row to the longest of them all, and
-    the encoder pays for each padded position (the 500 small_parallel_enja test sentences in one batch:
-    5,370 real tokens of 11,000). Positions past a group's longest row stay zero; src_pad_mask hides them.
-    A batch of rows of about one length is encoded whole: there, groups cost more calls than they save. So is
-    any batch on a GPU, where padded positions cost little next to the kernel launches of each group and the
-    wait for its longest row's length (a host sync per group).
+    order of length, each group cut to its own longest row. A token-budget batch pads every row to the
+    longest of them all, and the encoder pays for each padded position (the 500 small_parallel_enja test
+    sentences in one batch: 5,370 real tokens of 11,000). Positions past a group's longest row stay zero;
+    src_pad_mask hides them. A batch of rows of about one length is encoded whole: there, groups cost more
+    calls than they save. So is any batch on a GPU, where padded positions cost little next to the kernel
+    launches of each group and the wait for its longest row's length (a host sync per group).
     """
     group_rows = group_rows or (ENCODE_GROUP_ROWS if src.device.type == "cpu" else src.size(0))
     if src.size(0) <= group_rows or src_pad_mask.float().mean() < ENCODE_GROUP_PADDING:
@@ -221,7 +221,8 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
 
 
 def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor,
-                    forced: torch.Tensor | None = None, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    forced: torch.Tensor | None = None,
+                    rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
