@@ -235,10 +235,10 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
 
 
 def training_precision(requested, accelerator: str, machine: Machine, d_model: int | None = None) -> str:
-    """Lightning's name for the precision to train at on `accelerator` (cpu, gpu, cuda, auto), logged with why."""
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.cuda)
-    precision, reason = choose_precision(requested, "cuda" if cuda else "cpu", training=True, machine=machine,
-                                         d_model=d_model)
+    """Lightning's name for the precision to train at on `accelerator` ("cpu" or "gpu", as `training_accelerator`
+    decided), logged with why."""
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    precision, reason = choose_precision(requested, device, training=True, machine=machine, d_model=d_model)
     log_choice(f"training precision {precision}: {reason}")
     return LIGHTNING_PRECISION[precision]
 

@@ -212,7 +212,7 @@ def test_training_precision_speaks_lightnings_names():
     assert training_precision("auto", "cpu", AVX2) == "32-true"
     assert training_precision("auto", "cpu", AMX) == "bf16-mixed"
     assert training_precision("auto", "gpu", T4) == "16-mixed"
-    assert training_precision("auto", "auto", H200) == "bf16-mixed"
+    assert training_precision("auto", training_accelerator("auto", 1, H200), H200) == "bf16-mixed"
     assert training_precision(32, "gpu", H200) == "32-true"
     assert training_precision("auto", "cpu", AMX, d_model=64) == "32-true"
 
