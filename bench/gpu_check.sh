@@ -39,7 +39,8 @@ python3 - "$out/smoke/results.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"smoke on the GPU: {r['train_tokens_per_s']:,.0f} tokens/s, {r['global_step']} steps in {r['train_time_s']} s, "
-      f"test BLEU {r['test/bleu']:.1f}")
+      f"test BLEU {r['test/bleu']:.1f}; {r['validations']} validations took {r['validation_time_s']} s "
+      f"({r['validation_time_s'] / r['train_time_s']:.0%} of training)")
 EOF
 
 echo "== 3. GPU and CPU translations of the same checkpoint (greedy, fp32)"

@@ -234,6 +234,32 @@ class TokenThroughput(L.Callback):
         return self.tokens / max(self.seconds, 1e-9)
 
 
+class ValidationClock(L.Callback):
+    """Seconds that validations take during training, each from its start until training resumes (the next
+    batch, or the end of training): decoding dev, scoring it and writing the checkpoints. A run's share of
+    them says whether validating every epoch suits this machine: 4% of small_enja's epoch on a 2-core CPU,
+    more wherever steps are fast and the validation's greedy decoding and checkpoint writes are not."""
+
+    def __init__(self):
+        self.seconds, self.count, self.start = 0.0, 0, None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":  # not trainer.validate()
+            self.start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.start is not None:
+            self.seconds += time.perf_counter() - self.start
+            self.count += 1
+            self.start = None
+
+
 class BudgetSchedule(L.Callback):
     """Under a time budget (trainer.max_time), fit the learning-rate schedule to the steps the budget buys:
     the warmup is cut to `optim.max_warmup_share` of them, estimated from the speed of the first

@@ -24,7 +24,8 @@ from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
 from seq2seq.hardware import share_cpu_budget, this_machine, training_accelerator, training_precision
-from seq2seq.lit_module import MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule
+from seq2seq.lit_module import (MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule,
+                                ValidationClock)
 from seq2seq.metrics import bleu_tokenize
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.search import SearchConfig
@@ -140,7 +141,8 @@ def train_job(cfg: DictConfig) -> float:
     # check_on_train_epoch_end=False: val/bleu exists only after validation, and Lightning 2.6 cannot tell
     # by itself when validation comes by the clock (it reads a val_check_interval it never sets then)
     stop_early = EarlyStopping(MONITOR, mode="max", patience=run.patience, check_on_train_epoch_end=False)
-    callbacks = [checkpoint, throughput, stop_early]
+    validations = ValidationClock()
+    callbacks = [checkpoint, throughput, validations, stop_early]
     if run.keep_last > 0:  # the newest N validations' weights, for `run.py average`
         callbacks.append(RunCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", monitor="step",
                                        mode="max", save_top_k=run.keep_last, save_weights_only=True,
@@ -176,7 +178,7 @@ def train_job(cfg: DictConfig) -> float:
     trainer.test(module, datamodule=datamodule, ckpt_path="best")
     if not trainer.is_global_zero:  # under DDP each rank decoded its share of dev/test, gathered; rank 0 reports
         return float(checkpoint.best_model_score or float("nan"))
-    return write_results(out, module, checkpoint, throughput, train_time, trainer.global_step)
+    return write_results(out, module, checkpoint, throughput, validations, train_time, trainer.global_step)
 
 
 def validation_interval(batches_per_epoch: int) -> tuple[float | int, int | None]:
@@ -217,7 +219,8 @@ def resume_path(ckpt_path: str | None, out: Path) -> str | None:
 
 
 def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpoint,
-                  throughput: TokenThroughput, train_time: float, global_step: int) -> float:
+                  throughput: TokenThroughput, validations: ValidationClock, train_time: float,
+                  global_step: int) -> float:
     test = dict(module.test_results)
     hyps = test.pop("hypotheses", [])
     tgt_lang = module.text_info.tgt_lang
@@ -227,7 +230,12 @@ def write_results(out: Path, module: TranslationModule, checkpoint: ModelCheckpo
                "best_checkpoint": checkpoint.best_model_path or None,
                "n_params": sum(p.numel() for p in module.model.parameters()),
                "train_time_s": round(train_time, 1), "train_tokens_per_s": round(throughput.tokens_per_s, 1),
-               "train_tokens": throughput.tokens, "global_step": global_step}
+               "train_tokens": throughput.tokens, "global_step": global_step,
+               "validations": validations.count, "validation_time_s": round(validations.seconds, 1)}
+    if validations.count:
+        log.info("validation: %d validations took %.1f s of the %.1f s of training (%.0f%%; dev decoding, scoring "
+                 "and checkpoint writes)", validations.count, validations.seconds, train_time,
+                 100 * validations.seconds / max(train_time, 1e-9))
     write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")  # report's "done"
     log.info("results: %s", json.dumps({k: v for k, v in results.items() if "signature" not in k}))
     return results["val/bleu"] if results["val/bleu"] is not None else float("nan")

@@ -21,7 +21,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import load_checkpoint, load_model
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
-from seq2seq.lit_module import BudgetSchedule, OptimConfig, TranslationModule, linear_decay
+from seq2seq.lit_module import BudgetSchedule, OptimConfig, TranslationModule, ValidationClock, linear_decay
 from seq2seq.model import ModelConfig, Transformer
 from seq2seq.train import train
 from tests.conftest import (ROOT, HostSyncs, compose_train, free_port, run_limited, run_py,
@@ -147,6 +147,7 @@ def test_train_smoke_end_to_end_writes_checkpoints_and_results(smoke_run):
         assert results[key] is not None, key
     assert "tok:ja-mecab" in results["test/bleu_signature"]
     assert results["global_step"] == 150 and results["train_tokens_per_s"] > 0
+    assert results["validations"] == 2 and 0 < results["validation_time_s"] < results["train_time_s"]
     assert list((out / "csv").rglob("metrics.csv")) and list((out / "tensorboard").rglob("events.*"))
     assert len((out / "test.hyp.ja").read_text().splitlines()) == 200
     # keep_last: the weights of each validation (steps 75 and 150), for averaging
@@ -395,6 +396,25 @@ def test_a_validation_during_the_warmup_refits_it_to_the_speed_since(elapsed, st
     trainer.global_step, timer.time_elapsed, timer.time_remaining = warmup + 10, lambda stage: 290.0, lambda: 10.0
     budget.on_validation_end(trainer, module)
     assert module.warmup_steps == warmup
+
+
+def test_the_validation_clock_runs_from_each_validation_during_fit_until_training_resumes(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = ValidationClock()
+
+    def validation(fn, sanity=False, seconds=0.0, then="batch"):
+        trainer = SimpleNamespace(sanity_checking=sanity, state=SimpleNamespace(fn=fn))
+        clock.on_validation_start(trainer, None)
+        now[0] += seconds  # decoding, scoring, checkpoints
+        clock.on_train_batch_start(trainer, None, None, 0) if then == "batch" else clock.on_train_end(trainer, None)
+        now[0] += 100.0  # training steps
+
+    validation("fit", sanity=True, seconds=1.0)  # Lightning's sanity check: not a validation of the run
+    validation("fit", seconds=2.0)
+    validation("validate", seconds=4.0)  # trainer.validate() after fit (score_final_weights)
+    validation("fit", seconds=3.0, then="end")  # the last one: early stopping ended training
+    assert (clock.count, clock.seconds) == (2, 5.0)
 
 
 def test_linear_decay_without_an_end_is_a_config_error(tmp_path, data_dir):
