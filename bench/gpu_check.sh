@@ -7,23 +7,38 @@
 #   5. the CPU's cache blocking (64-row encoder groups and logit blocks) against the GPU's, beam 5, A/B.
 # It needs no corpus from outside: everything runs on the generated demo corpus.
 #
-# On a machine without the project's Python packages and without network (the lent GPU machines), put the
-# missing wheels in .whl/ first (hydra-core, omegaconf, antlr4-python3-runtime, matplotlib-fontja):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 matplotlib-fontja
-# and the script installs them into /tmp/site.
+# A lent GPU machine has torch, lightning, sacrebleu and transformers but not Hydra, MeCab or sacremoses, and no
+# network: run `bash bench/gpu_wheels.sh` here first (it puts their wheels in .whl/, about 16 MiB), carry .whl,
+# and the script installs them into /tmp/site. Rehearsed on a CPU in a venv holding only the image's packages.
 #
-#   bash bench/gpu_check.sh [OUT_DIR]
+#   bash bench/gpu_check.sh [WORK_DIR]        # WORK_DIR: data, checkpoints, outputs (default /tmp/gpu_check)
+#   REHEARSE=1 bash bench/gpu_check.sh        # every step on the CPU at toy sizes: checks the script itself
+#                                             # where no GPU is lent, so that a GPU's few minutes are not spent on it
+# Where $OUT is set (a lent machine), the whole output is also kept in $OUT/gpu_check.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-/tmp/gpu_check}}
+out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
+if [ "${REHEARSE:-0}" = 1 ]; then
+    device=cpu trainer=cpu lines_times=1
+    train_sizes="--model tiny --max-tokens 1024 --steps 2 --rounds 1"
+    decode_sizes="--limit 40 --budgets 1024 --marian-batches 32 --rounds 1"
+else
+    device=cuda trainer=gpu lines_times=10
+    train_sizes="--model base --max-tokens 16384 --steps 20 --rounds 3"
+    decode_sizes="--budgets 4096 16384 65536 --marian-batches 64 256 1024 --rounds 1"  # one round: the 8 minutes
+fi
+if [ -d .whl ] && ! python3 -c "import hydra, MeCab, ipadic, sacremoses" 2>/dev/null; then  # what is missing
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('GPU:', torch.cuda.get_device_name())"
+if [ "$device" = cuda ]; then
+    python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('GPU:', torch.cuda.get_device_name())"
+else
+    echo "rehearsal: every step on the CPU at toy sizes"
+fi
 start=$SECONDS
 python3 run.py machine peaks=false  # the machine, and what precision=auto and device=auto pick on it
 
@@ -31,7 +46,7 @@ echo "== 1. GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/test_hardware.py -k cuda 2>&1 | tail -5
 
 echo "== 2. train experiment=smoke on the GPU"
-python3 run.py train experiment=smoke trainer=gpu trainer.enable_progress_bar=false \
+python3 run.py train experiment=smoke trainer=$trainer trainer.enable_progress_bar=false \
     data_dir="$out/data" hydra.run.dir="$out/smoke" 2>&1 | grep -E "precision|machine|results" || true
 ckpt="$out/smoke/checkpoints/best.ckpt"
 test -f "$ckpt"
@@ -45,7 +60,7 @@ EOF
 
 echo "== 3. GPU and CPU translations of the same checkpoint (greedy, fp32)"
 test_en="$out/data/demo/test.en"
-python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/gpu.ja" device=cuda precision=32 beam_size=1 progress=false
+python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/gpu.ja" device=$device precision=32 beam_size=1 progress=false
 python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/cpu.ja" device=cpu precision=32 beam_size=1 progress=false
 python3 - "$out/gpu.ja" "$out/cpu.ja" <<'EOF'
 import sys
@@ -57,29 +72,28 @@ EOF
 python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/gpu_auto.ja" progress=false 2>&1 | grep precision || true
 
 echo "== 4. speed on the GPU, side by side with HF Marian"
-python3 bench/train.py --device cuda --data demo --data-dir "$out/data" --model base --max-tokens 16384 --steps 20 --rounds 3
-python3 bench/decode.py --device cuda --ckpt "$ckpt" --data-url "$out/data/demo" --budgets 4096 16384 65536 \
-    --marian-batches 64 256 1024 --rounds 1  # one round: the 8-minute budget
+python3 bench/train.py --device $device --data demo --data-dir "$out/data" $train_sizes
+python3 bench/decode.py --device $device --ckpt "$ckpt" --data-url "$out/data/demo" $decode_sizes
 
 echo "== 5. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches"
 # On a GPU the encoder takes a batch whole and logits go in blocks of up to 2^26 (seq2seq/hardware.py:
 # rows_per_block); on a CPU, 64-row encoder groups and 64-row logit blocks. Rounds alternate; sentences/s.
-python3 - "$ckpt" "$test_en" <<'EOF'
+python3 - "$ckpt" "$test_en" "$device" "$lines_times" <<'EOF'
 import functools, statistics, sys, time
-import torch
 import seq2seq.search as search
+from seq2seq.hardware import synchronize
 from seq2seq.translator import Translator
-ckpt, test_en = sys.argv[1:]
-lines = open(test_en, encoding="utf-8").read().splitlines() * 10
-translator = Translator.from_checkpoint(ckpt, device="cuda")
+ckpt, test_en, device, times = sys.argv[1:]
+lines = open(test_en, encoding="utf-8").read().splitlines() * int(times)
+translator = Translator.from_checkpoint(ckpt, device=device)
 gpu_style = (search.encode_by_length, search.rows_per_block)
 cpu_style = (functools.partial(search.encode_by_length, group_rows=search.ENCODE_GROUP_ROWS),
              lambda device, vocab_size, cpu_rows: cpu_rows)
 def speed(style):
     search.encode_by_length, search.rows_per_block = style
-    torch.cuda.synchronize(); start = time.perf_counter()
+    synchronize(device); start = time.perf_counter()
     out = translator.translate(lines, beam_size=5, max_tokens=16384)
-    torch.cuda.synchronize()
+    synchronize(device)
     return len(lines) / (time.perf_counter() - start), out
 speed(gpu_style); speed(cpu_style)  # warm-up
 rounds = [(speed(gpu_style), speed(cpu_style)) for _ in range(3)]

@@ -1,6 +1,7 @@
 """The benches run to their last lines, the verdicts (slow: they start processes, train and decode). A bench
 that dies after printing its table hides that its verdict is missing; bench/machine_class.py runs
 `experiment=smoke`, bench/train.py and bench/decode.py and reads every verdict line of theirs."""
+import os
 import re
 import subprocess
 import sys
@@ -35,3 +36,23 @@ def test_machine_class_runs_every_bench_and_reads_their_verdicts(tmp_path):
     assert (tmp_path / "headline.md").read_text(encoding="utf-8") in out
     for log in ("smoke.log", "train.log", "decode.log", "head_to_head.log"):
         assert (tmp_path / log).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_every_step_in_its_cpu_rehearsal(tmp_path):
+    """bench/gpu_check.sh runs where a GPU is lent, for a few minutes a session at most: REHEARSE=1 runs each of
+    its steps on the CPU at toy sizes, so that a broken step shows here and not on the GPU's clock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "REHEARSE": "1", "OUT": str(out)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "gpu_check.log").read_text(encoding="utf-8")  # all of the output, kept where $OUT is
+    assert log.startswith("rehearsal: every step on the CPU") and "\nmachine: CPU" in log
+    assert re.search(r"\nsmoke on the GPU: [\d,]+ tokens/s, 600 steps in [\d.]+ s, test BLEU [\d.]+; "
+                     r"3 validations took [\d.]+ s \(\d+% of training\)\n", log), log
+    assert re.search(r"\nGPU and CPU agree on (\d+) of \1 lines\n", log), log
+    assert re.search(r"\nbest seq2seq \(seq2seq \w+\) / best Marian \(Marian \w+ \w+\): [\d.]+x\n", log), log
+    assert re.search(r"\nbeam5 forced 20: best seq2seq \(.+\) / Marian \(.+\) = [\d.]+x", log), log
+    assert re.search(r"\nGPU-style \d+ sentences/s, CPU-style \d+; same output: True\n", log), log
+    assert re.search(r"\ngpu_check: done in \d+ s\n$", log), log
