@@ -38,14 +38,15 @@ class FusedProjectionCrossEntropy(torch.autograd.Function):
                 smooth = lse - logits.mean(dim=-1, keepdim=True)
                 total += ((1 - eps) * nll + eps * smooth).sum()
                 if need_grad:
-                    # d loss_i / d logits = softmax - (1 - eps) * onehot(target) - eps / V
+                    # d loss_i / d logits = softmax - (1 - eps) * onehot(target) - eps / V, times 1/N after the
+                    # matmuls: in fp16, values of order p / N underflow (1 / N of 1e-5 is below its smallest)
                     grad = logits.sub_(lse).exp_().sub_(eps / V)
                     grad.scatter_add_(1, tgt, torch.full(tgt.shape, eps - 1, dtype=grad.dtype, device=grad.device))
-                    grad = grad.div_(N).to(dtype)
+                    grad = grad.to(dtype)
                     grad_h[rows] = grad @ w_c
                     grad_w += grad.t() @ h_c[rows]
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w)
+            ctx.save_for_backward(grad_h.div_(N), grad_w.div_(N))
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / N
 

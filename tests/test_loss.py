@@ -35,6 +35,22 @@ def test_bf16_autocast_is_close_to_fp32():
     assert h.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
 
+def test_fp16_gradients_do_not_underflow():
+    """fp16 (training on a GPU without bf16) has 10 mantissa bits to bf16's 7, so its gradients must come out
+    closer to fp32's than bf16's do. Divided by the token count N before the fp16 matmuls, the gradient of the
+    logits, (p - onehot) / N, fell below fp16's smallest value for nearly every vocabulary entry (99.8% of them
+    on a trained en-ja model in 9,171-row blocks): 5.6e-3 relative error here, where 1/N applied after the
+    matmuls gives 4.6e-4."""
+    torch.manual_seed(0)
+    h, weight = torch.randn(2048, 64, requires_grad=True), (0.3 * torch.randn(4096, 64)).requires_grad_()
+    target = torch.randint(0, 4096, (2048,))
+    ref = torch.autograd.grad(projection_cross_entropy(h, weight, target, 0.1), [h, weight])
+    with torch.autocast("cpu", dtype=torch.float16):
+        grads = torch.autograd.grad(projection_cross_entropy(h, weight, target, 0.1), [h, weight])
+    for grad, expected in zip(grads, ref):
+        assert (grad - expected).norm() / expected.norm() < 1.5e-3
+
+
 def test_no_gradient_work_without_grad():
     h, weight = torch.randn(5, 4), torch.randn(6, 4)
     with torch.no_grad():
