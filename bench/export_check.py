@@ -56,7 +56,7 @@ def main():
         out = []
         for rows in batches:
             src = pad_batch([ids[r] for r in rows])
-            out += greedy_search(translator.model, src, translator.model.pad_mask(src), search).tolist()
+            out += greedy_search(translator.model, src, translator.model.pad_mask(src), search)[0].tolist()
         return up_to_eos(out, tok.eos_id)
 
     with torch.inference_mode():

@@ -123,7 +123,7 @@ class TranslationModule(L.LightningModule):
         self.token_count += n_tokens
         src = batch["src"]
         if self.search.beam_size == 1:
-            hyps = greedy_search(self.model, src, self.model.pad_mask(src), self.search).tolist()
+            hyps = greedy_search(self.model, src, self.model.pad_mask(src), self.search)[0].tolist()
         else:
             hyps = [nbest[0][0] for nbest in beam_search(self.model, src, self.model.pad_mask(src), self.search)]
         self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps)))

@@ -90,42 +90,63 @@ def encode_by_length(model: Transformer, src: torch.Tensor, src_pad_mask: torch.
     return memory
 
 
-@torch.no_grad()
-def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor,
-                  search: SearchConfig) -> torch.Tensor:
-    """Pick the most probable token at each step (or draw one, with `search.sample`) until every sentence
-    has produced eos.
+def output_limits(model: Transformer, src_pad_mask: torch.Tensor, search: SearchConfig,
+                  prefix: torch.Tensor | None) -> torch.Tensor:
+    """Each sentence's last step (`max_output_lens`), moved on where its forced prefix needs more. (B,)"""
+    limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)
+    if prefix is not None:  # room for the whole prefix before the forced eos
+        limit = torch.maximum(limit, (prefix >= 0).sum(1).clamp(max=model.cfg.max_len - 2))
+    return limit
 
-    A sentence that reaches its length limit (`max_output_lens`) gets eos there; of `search`, the length
-    limit and the sampling settings apply. A sentence that has ended leaves the batch, as in beam search,
-    so that later steps compute only the sentences still being written.
-    Args: src (B, S) ids; src_pad_mask (B, S), True at padding.
-    Returns: (B, T) ids without bos; eos ends each sentence, pad follows it.
+
+@torch.no_grad()
+def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, search: SearchConfig,
+                  prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the most probable token at each step (or draw one, with `search.sample`) until every sentence
+    has produced eos: beam search with one beam, the same outputs and scores, without the beams' ranking.
+
+    Of `search`, the length limits (min_len, `max_output_lens`), the length penalty and the sampling
+    settings apply; a `prefix` forces each sentence's first tokens, as in beam search. A sentence that has
+    ended leaves the batch, so that later steps compute only the sentences still being written.
+    Args: src (B, S) ids; src_pad_mask (B, S), True at padding; prefix (B, P) ids, -1 after a sentence's own.
+    Returns: (B, T) ids without bos, eos ending each sentence and pad following it; and (B,) scores,
+    log P / lp as beam search ranks its hypotheses (0 where sampled).
     """
     memory = encode_by_length(model, src, src_pad_mask)
-    limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,)
+    limit = output_limits(model, src_pad_mask, search, prefix)  # (B,)
     out = torch.full((src.size(0), int(limit.max()) + 1), PAD_ID, dtype=torch.long, device=src.device)
+    scores = torch.zeros(src.size(0), device=src.device)  # (B,): log P / lp once a sentence has ended
+    log_p = torch.zeros(src.size(0), device=src.device)  # (B',): log P of each prefix still being written
     alive = torch.arange(src.size(0), device=src.device)  # the sentences still written (their rows in out)
     last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)  # (B', 1)
     cache = [{} for _ in model.decoder_layers]
     generator = torch.Generator(src.device).manual_seed(search.seed) if search.sample else None
     for step in range(out.size(1)):
-        logits = model.project(model.decode_step(last, memory, src_pad_mask, cache))  # (B', V)
-        chosen = draw(logits, search, generator) if search.sample else logits.argmax(-1)
-        next_token = chosen.masked_fill(limit.eq(step), EOS_ID)  # (B',)
+        h = model.decode_step(last, memory, src_pad_mask, cache)  # (B', D)
+        forced = prefix[:, step] if prefix is not None and step < prefix.size(1) else None  # (B',)
+        if search.sample:
+            next_token = draw(model.project(h), search, generator).masked_fill(limit.eq(step), EOS_ID)
+            next_token = next_token if forced is None else torch.where(forced >= 0, forced, next_token)
+        else:
+            best_log_p, best = top_next_tokens(model, h, 1, eos_allowed=step >= search.min_len,
+                                               must_end=limit.eq(step), forced=forced)  # (B', 1) each
+            log_p, next_token = log_p + best_log_p[:, 0], best[:, 0]
         out[alive, step] = next_token
         ended = next_token.eq(EOS_ID)
         n_ended = int(ended.sum())  # the step's one host sync
+        if n_ended and not search.sample:
+            scores[alive[ended]] = log_p[ended] / length_penalty(step + 1, search.alpha)
         if n_ended == alive.size(0):
             break
         if n_ended:
             keep = (~ended).nonzero().squeeze(1)
-            alive, limit, next_token = alive[keep], limit[keep], next_token[keep]
+            alive, limit, next_token, log_p = alive[keep], limit[keep], next_token[keep], log_p[keep]
+            prefix = prefix[keep] if prefix is not None else None
             memory, src_pad_mask = memory[keep], src_pad_mask[keep]
             reorder_cache(cache, keep)
             drop_sentences(cache, keep)
         last = next_token[:, None]
-    return out[:, :step + 1]
+    return out[:, :step + 1], scores
 
 
 def draw(logits: torch.Tensor, search: SearchConfig, generator: torch.Generator) -> torch.Tensor:
@@ -177,9 +198,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     scores = torch.zeros(src.size(0), K, device=src.device)
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
-    limit = max_output_lens(src_pad_mask, model, search.max_len_a, search.max_len_b)  # (B,): at most limit, then eos
-    if prefix is not None:  # room for the whole prefix before the forced eos
-        limit = torch.maximum(limit, (prefix >= 0).sum(1).clamp(max=model.cfg.max_len - 2))
+    limit = output_limits(model, src_pad_mask, search, prefix)  # (B,): at most limit, then eos
     for step in range(int(limit.max()) + 1):
         B = alive.size(0)
         h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)

@@ -191,10 +191,10 @@ def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limit
         check_unicode(f"q[{i}]", text)
     if request.alternatives + 1 > max(search.beam_size, 10):
         raise BadRequest(400, f"alternatives={request.alternatives}: at most {max(search.beam_size, 10) - 1}")
-    return [" ".join(text.splitlines()) for text in texts], check_prefix(request, len(texts), limits, search)
+    return [" ".join(text.splitlines()) for text in texts], check_prefix(request, len(texts), limits)
 
 
-def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits, search: SearchConfig) -> list[str] | None:
+def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits) -> list[str] | None:
     """The request's prefixes, one per text, or a BadRequest: shaped like q, within the character limit."""
     if request.prefix is None:
         return None
@@ -207,8 +207,6 @@ def check_prefix(request: TranslateRequest, n: int, limits: ServeLimits, search:
         if len(text) > limits.char_limit:
             raise BadRequest(400, f"prefix[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
         check_unicode(f"prefix[{i}]", text)
-    if search.sample and any(prefixes):
-        raise BadRequest(400, "prefix: this service samples (sample=true); a prefix needs beam search")
     return [" ".join(text.splitlines()) for text in prefixes]
 
 

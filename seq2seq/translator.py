@@ -126,8 +126,6 @@ class Translator:
             return None
         if len(prefixes) != n:
             raise Seq2SeqError(f"{len(prefixes)} prefixes for {n} lines: give one per line (an empty one for none)")
-        if search.sample:
-            raise Seq2SeqError("a prefix needs beam search; sample=true draws freely")
         return [seq[:self.max_len - 2] for seq in self.tokenizer.encode(self.prepare(prefixes, pretokenized, "tgt"))]
 
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
@@ -159,8 +157,7 @@ class Translator:
                 rows = [todo[i] for i in batch]
                 src = pad_batch([ids[r] for r in rows]).to(next(model.parameters()).device)
                 prefix = pad_prefix([forced[r] for r in rows], src.device) if forced else None
-                hyps = (sampled(model, src, search) if search.sample
-                        else beam_search(model, src, model.pad_mask(src), search, prefix))
+                hyps = searched(model, src, search, prefix)
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                     out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
@@ -169,10 +166,15 @@ class Translator:
         return out
 
 
-def sampled(model, src: torch.Tensor, search: SearchConfig) -> list[list[tuple[list[int], float]]]:
-    """Sampling's one translation per sentence in beam_search's n-best form (no score: 0.0)."""
-    rows = greedy_search(model, src, model.pad_mask(src), search).tolist()
-    return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, 0.0)] for row in rows]
+def searched(model, src: torch.Tensor, search: SearchConfig,
+             prefix: torch.Tensor | None) -> list[list[tuple[list[int], float]]]:
+    """Each sentence's nbest (tokens without bos/eos, score), best first: beam search, or for one beam (and
+    for sampling) greedy_search, which finds what one beam finds without ranking beams at every step."""
+    if search.beam_size > 1 and not search.sample:
+        return beam_search(model, src, model.pad_mask(src), search, prefix)
+    rows, scores = greedy_search(model, src, model.pad_mask(src), search, prefix)
+    return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, score)]
+            for row, score in zip(rows.tolist(), scores.tolist())]
 
 
 def pad_prefix(prefixes: list[list[int]], device) -> torch.Tensor:

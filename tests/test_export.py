@@ -33,7 +33,7 @@ def test_marian_computes_our_logits_and_greedy_output(tiny_model, tokenizer):
         theirs = marian(input_ids=src, attention_mask=src.ne(tokenizer.pad_id), decoder_input_ids=tgt).logits
         greedy = marian.generate(input_ids=src, attention_mask=src.ne(tokenizer.pad_id))
     torch.testing.assert_close(theirs, model(src, tgt), atol=1e-5, rtol=1e-5)
-    ours = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500))
+    ours, _ = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500))
     assert up_to_eos(greedy[:, 1:].tolist(), tokenizer.eos_id) == up_to_eos(ours.tolist(), tokenizer.eos_id)
     assert max(len(r) for r in ours.tolist()) > 5  # the random model writes more than a word or two
 
@@ -59,7 +59,7 @@ def test_ctranslate2_export_decodes_like_our_greedy_search(smoke_run, tmp_path, 
     src = pad_batch(ids)
     with translator.decoding(translator_search(precision="32")) as model:
         ours = [tok.pieces([i for i in row if i not in (tok.eos_id, tok.pad_id)])
-                for row in greedy_search(model, src, model.pad_mask(src), translator_search(max_len_b=64)).tolist()]
+                for row in greedy_search(model, src, model.pad_mask(src), translator_search(max_len_b=64))[0].tolist()]
     ct2 = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
     theirs = [r.hypotheses[0] for r in ct2.translate_batch([tok.pieces(s) + ["</s>"] for s in ids], beam_size=1,
                                                            max_decoding_length=128)]
@@ -122,7 +122,7 @@ def test_post_norm_model_exports_to_huggingface_and_ctranslate2(tmp_path, data_d
     ids = translator.encode(lines)
     src = pad_batch(ids)
     with translator.decoding(SearchConfig(beam_size=1, precision="32")) as model:
-        ours = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500)).tolist()
+        ours = greedy_search(model, src, model.pad_mask(src), SearchConfig(beam_size=1, max_len_b=500))[0].tolist()
 
     hf_tok = MarianTokenizer.from_pretrained(tmp_path / "huggingface")
     hf_model = MarianMTModel.from_pretrained(tmp_path / "huggingface").eval()

@@ -44,7 +44,7 @@ def test_encoding_by_length_gives_each_row_its_memory_of_a_whole_batch_encode(ti
 def test_greedy_equals_argmax_of_full_recomputation(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size)
     pad_mask = tiny_model.pad_mask(src)
-    out = greedy_search(tiny_model, src, pad_mask, SearchConfig(max_len_a=0, max_len_b=6))
+    out, _ = greedy_search(tiny_model, src, pad_mask, SearchConfig(max_len_a=0, max_len_b=6))
     with torch.no_grad():
         memory = tiny_model.encode(src, pad_mask)
         ys = torch.full((3, 1), BOS_ID)
@@ -102,7 +102,7 @@ def test_beam_finds_the_best_sequence_where_greedy_does_not():
     model = ScriptedModel()
     src = torch.ones(1, 3, dtype=torch.long)
     pad = torch.zeros(1, 3, dtype=torch.bool)
-    greedy = greedy_search(model, src, pad, SearchConfig(max_len_a=0, max_len_b=3))
+    greedy, _ = greedy_search(model, src, pad, SearchConfig(max_len_a=0, max_len_b=3))
     assert greedy[0, 0].item() == 5
     best = beam_search(model, src, pad, SearchConfig(beam_size=2, alpha=0.0, max_len_a=0, max_len_b=3))
     tokens, score = best[0][0]
@@ -110,15 +110,38 @@ def test_beam_finds_the_best_sequence_where_greedy_does_not():
     assert abs(score - math.log(0.4 * 0.9)) < 1e-4
 
 
-def test_beam_size_one_equals_greedy(tiny_model):
-    src, _ = batch(tiny_model.cfg.vocab_size)
+@pytest.mark.parametrize("settings", [dict(alpha=0.0), dict(alpha=1.2), dict(min_len=4), dict(max_len_a=0.5, max_len_b=2),
+                                      dict(prefix=True)])
+def test_greedy_search_finds_what_one_beam_finds_with_its_score(tiny_model, settings, monkeypatch):
+    """Translation's beam_size=1 runs greedy_search (no beams to rank): the same tokens and the same log P / lp
+    as beam search with one beam, under the length penalty, min_len, the length limit and a forced prefix."""
+    if "min_len" in settings:  # a model that would end at once: only min_len keeps eos away
+        project = tiny_model.project
+        monkeypatch.setattr(tiny_model, "project", lambda h: project(h).index_add(-1, torch.tensor([EOS_ID]),
+                                                                                 torch.full((len(h), 1), 20.0)))
+    src, _ = batch(tiny_model.cfg.vocab_size, B=16, S=9)
     pad = tiny_model.pad_mask(src)
-    greedy = greedy_search(tiny_model, src, pad, SearchConfig(max_len_a=0, max_len_b=8)).tolist()
-    beam = beam_search(tiny_model, src, pad, SearchConfig(beam_size=1, alpha=0.0, max_len_a=0, max_len_b=8))
-    for b in range(3):
-        row = greedy[b]
-        expected = row[:row.index(EOS_ID)] if EOS_ID in row else row
-        assert beam[b][0][0] == expected
+    prefix = torch.tensor([[7, 8, 9], [10, -1, -1]] + [[-1] * 3] * 14) if settings.pop("prefix", False) else None
+    search = SearchConfig(beam_size=1, **settings)
+    ids, scores = greedy_search(tiny_model, src, pad, search, prefix)
+    beam = beam_search(tiny_model, src, pad, search, prefix)
+    for row, score, nbest in zip(ids.tolist(), scores.tolist(), beam):
+        assert (row[:row.index(EOS_ID)] if EOS_ID in row else row) == nbest[0][0]
+        assert abs(score - nbest[0][1]) < 1e-4, (score, nbest[0][1])
+    if prefix is not None:
+        assert ids[0, :3].tolist() == [7, 8, 9] and ids[1, 0] == 10
+    if "min_len" in settings:
+        assert all(row.index(EOS_ID) == 4 for row in ids.tolist())
+
+
+def test_a_drawn_translation_starts_with_its_forced_prefix(tiny_model):
+    src, _ = batch(tiny_model.cfg.vocab_size, B=3)
+    prefix = torch.tensor([[7, 8, 9], [10, -1, -1], [-1, -1, -1]])
+    search = SearchConfig(beam_size=1, sample=True, seed=5)
+    drawn, _ = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
+    assert drawn[0, :3].tolist() == [7, 8, 9] and drawn[1, 0] == 10
+    free, _ = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search)
+    assert not torch.equal(drawn[:2, :3], free[:2, :3])
 
 
 def test_batched_beam_search_equals_one_sentence_at_a_time(tiny_model):
@@ -148,8 +171,8 @@ def test_a_sentence_translates_the_same_alone_and_next_to_a_longer_one(tiny_mode
     alone = beam_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], search)
     assert alone[0][0][0] == batched[short][0][0]
     assert len(alone[0][0][0]) <= n + 1
-    greedy_batched = greedy_search(tiny_model, src, pad, search)[short].tolist()
-    greedy_alone = greedy_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], search)[0].tolist()
+    greedy_batched = greedy_search(tiny_model, src, pad, search)[0][short].tolist()
+    greedy_alone = greedy_search(tiny_model, src[short:short + 1, :n], pad[short:short + 1, :n], search)[0][0].tolist()
     assert greedy_batched[:len(greedy_alone)] == greedy_alone and set(greedy_batched[len(greedy_alone):]) <= {PAD_ID}
 
 
@@ -162,9 +185,9 @@ def test_greedy_gives_each_sentence_its_own_output_as_others_finish_and_leave_th
         src[b, n:] = PAD_ID
     pad = tiny_model.pad_mask(src)
     search = SearchConfig(beam_size=1, max_len_a=1.0, max_len_b=0)  # limit = the sentence's own length
-    batched = greedy_search(tiny_model, src, pad, search).tolist()
+    batched = greedy_search(tiny_model, src, pad, search)[0].tolist()
     for b, n in enumerate([9, 3, 7, 1, 5]):
-        alone = greedy_search(tiny_model, src[b:b + 1, :n], pad[b:b + 1, :n], search)[0].tolist()
+        alone = greedy_search(tiny_model, src[b:b + 1, :n], pad[b:b + 1, :n], search)[0][0].tolist()
         assert batched[b][:len(alone)] == alone and set(batched[b][len(alone):]) <= {PAD_ID}
         assert EOS_ID in alone and len(alone) <= n + 1
 
@@ -181,6 +204,16 @@ def test_beam_search_reads_back_from_the_device_a_few_times_a_step(tiny_model, b
         nbest = beam_search(tiny_model, src, tiny_model.pad_mask(src),
                             SearchConfig(beam_size=beam_size, nbest=beam_size))
     assert all(len(hyps) == beam_size for hyps in nbest)  # 16 * beam_size hypotheses finished
+    assert len(syncs.seen) <= 3 * len(steps) + 2, (len(syncs.seen), len(steps))
+
+
+def test_greedy_search_reads_back_from_the_device_a_few_times_a_step(tiny_model, monkeypatch):
+    src, _ = batch(tiny_model.cfg.vocab_size, B=16, S=9)
+    steps = []
+    decode_step = tiny_model.decode_step
+    monkeypatch.setattr(tiny_model, "decode_step", lambda *args: steps.append(1) or decode_step(*args))
+    with HostSyncs() as syncs, torch.no_grad():
+        greedy_search(tiny_model, src, tiny_model.pad_mask(src), SearchConfig(beam_size=1))
     assert len(syncs.seen) <= 3 * len(steps) + 2, (len(syncs.seen), len(steps))
 
 
@@ -231,11 +264,11 @@ def test_the_next_tokens_are_the_same_in_blocks_of_rows_as_all_at_once(tiny_mode
 def test_sampling_is_reproducible_for_a_seed_and_differs_across_seeds(tiny_model):
     src, _ = batch(tiny_model.cfg.vocab_size, B=3)
     mask = tiny_model.pad_mask(src)
-    draw = lambda **kw: greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1, sample=True, **kw))  # noqa: E731
+    draw = lambda **kw: greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1, sample=True, **kw))[0]  # noqa: E731
     with torch.no_grad():
         assert torch.equal(draw(seed=1), draw(seed=1))
         assert not torch.equal(draw(seed=1), draw(seed=2))
-        greedy = greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1))
+        greedy, _ = greedy_search(tiny_model, src, mask, SearchConfig(beam_size=1))
         # rows where this untrained model's argmax is a word (sampling never draws <pad> or <s>)
         words = [r for r, row in enumerate(greedy.tolist()) if BOS_ID not in row[:row.index(EOS_ID)]]
         assert words
