@@ -114,7 +114,8 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
     """
     memory = encode_by_length(model, src, src_pad_mask)
     limit = output_limits(model, src_pad_mask, search, prefix)  # (B,)
-    out = torch.full((src.size(0), int(limit.max()) + 1), PAD_ID, dtype=torch.long, device=src.device)
+    last_steps = set(limit.tolist())  # the steps at which some sentence must end: read once, not once a step
+    out = torch.full((src.size(0), max(last_steps) + 1), PAD_ID, dtype=torch.long, device=src.device)
     scores = torch.zeros(src.size(0), device=src.device)  # (B,): log P / lp once a sentence has ended
     log_p = torch.zeros(src.size(0), device=src.device)  # (B',): log P of each prefix still being written
     alive = torch.arange(src.size(0), device=src.device)  # the sentences still written (their rows in out)
@@ -128,14 +129,15 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
             next_token = draw(model.project(h), search, generator).masked_fill(limit.eq(step), EOS_ID)
             next_token = next_token if forced is None else torch.where(forced >= 0, forced, next_token)
         else:
+            must_end = limit.eq(step) if step in last_steps else None  # (B',)
             best_log_p, best = top_next_tokens(model, h, 1, eos_allowed=step >= search.min_len,
-                                               must_end=limit.eq(step), forced=forced)  # (B', 1) each
+                                               must_end=must_end, forced=forced)  # (B', 1) each
             log_p, next_token = log_p + best_log_p[:, 0], best[:, 0]
         out[alive, step] = next_token
         ended = next_token.eq(EOS_ID)
         n_ended = int(ended.sum())  # the step's one host sync
         if n_ended and not search.sample:
-            scores[alive[ended]] = log_p[ended] / length_penalty(step + 1, search.alpha)
+            scores[alive] = torch.where(ended, log_p / length_penalty(step + 1, search.alpha), scores[alive])
         if n_ended == alive.size(0):
             break
         if n_ended:
@@ -199,15 +201,16 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
     limit = output_limits(model, src_pad_mask, search, prefix)  # (B,): at most limit, then eos
-    for step in range(int(limit.max()) + 1):
+    last_steps = set(limit.tolist())  # the steps at which some sentence must end: read once, not once a step
+    for step in range(max(last_steps) + 1):
         B = alive.size(0)
         h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
         forced = prefix[:, step].repeat_interleave(K) if prefix is not None and step < prefix.size(1) else None
+        must_end = limit.eq(step).repeat_interleave(K) if step in last_steps else None  # (B*K,)
         # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
         # those are added to the prefix scores: no (B*K, V) sum is built.
         beam_log_probs, beam_tokens = top_next_tokens(model, h, 2 * K, eos_allowed=step >= min_len,
-                                                      must_end=limit.eq(step).repeat_interleave(K),
-                                                      forced=forced)  # (B*K, 2K)
+                                                      must_end=must_end, forced=forced)  # (B*K, 2K)
         candidates = (scores.view(B * K, 1) + beam_log_probs).view(B, K * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
         beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
@@ -239,37 +242,41 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
                 layer["cross"][name] = layer["cross"][name].index_select(0, keep)
 
 
-def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor,
+def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor | None,
                     forced: torch.Tensor | None = None,
                     rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
-    (it wins over `eos_allowed=False`, the min_len rule). Done `rows_per_chunk` rows at a time (by default
-    `rows_per_block`: on a CPU CPU_LOGIT_ROWS, so that each (rows, V) block of logits stays in the CPU cache
-    through the projection, the fp32 log-normalizer and the top-k, one pass over memory, not five; on a GPU
-    as many as its memory bound allows). `forced` (N,): a token id a row must take (a target prefix), or -1.
+    (it wins over `eos_allowed=False`, the min_len rule); None where the caller knows no row does. `forced`
+    (N,): a token id a row must take (a target prefix), or -1. Such a row's one token (its real log P)
+    replaces its top k after the top-k, every other entry -inf: no pass over its V logits to mask them.
+    Nothing here reads a value back from the device: on a GPU, a read would wait for the decoder's step
+    before the projection could be queued. Done `rows_per_chunk` rows at a time (by default
+    `rows_per_block`: on a CPU CPU_LOGIT_ROWS, so that each (rows, V) block of logits stays in the CPU
+    cache through the projection, the fp32 log-normalizer and the top-k, one pass over memory, not five;
+    on a GPU as many as its memory bound allows).
     """
     rows_per_chunk = rows_per_chunk or rows_per_block(h.device, model.cfg.vocab_size, CPU_LOGIT_ROWS)
+    only = forced  # (N,): the one token a row may take, -1 where free
+    if must_end is not None:
+        only = torch.where(must_end, EOS_ID, forced if forced is not None else -1)
     top_log_probs, top_ids = [], []
-    any_forced = forced is not None and bool((forced >= 0).any())  # read back once a step, not once a chunk
-    any_end = bool(must_end.any())
-    forced = forced if forced is not None else torch.full_like(must_end, -1, dtype=torch.long)
-    for part, ends, force in zip(h.split(rows_per_chunk), must_end.split(rows_per_chunk), forced.split(rows_per_chunk)):
-        logits = model.project(part).float()  # (C, V)
+    for start in range(0, h.size(0), rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        logits = model.project(h[rows]).float()  # (C, V)
         log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
-        if any_forced:  # every other token of a forced row is impossible
-            rows = (force >= 0).nonzero().squeeze(1)
-            kept = logits[rows, force[rows]]
-            logits[rows] = float("-inf")
-            logits[rows, force[rows]] = kept
+        if only is not None:
+            token = only[rows, None]  # (C, 1)
+            only_log_p = logits.gather(1, token.clamp(min=0)) - log_z  # (C, 1), before eos is masked
         if not eos_allowed:
-            logits[:, EOS_ID].masked_fill_(~ends, float("-inf"))
-        if any_end:
-            not_eos = torch.arange(logits.size(1), device=logits.device).ne(EOS_ID)  # (V,)
-            logits.masked_fill_(ends[:, None] & not_eos, float("-inf"))
+            logits[:, EOS_ID] = float("-inf")
         values, ids = blockwise_topk(logits, k)  # (C, k)
-        top_log_probs.append(values - log_z)
+        values = values - log_z
+        if only is not None:
+            one = torch.cat([only_log_p, only_log_p.new_full((len(token), k - 1), float("-inf"))], dim=1)  # (C, k)
+            values, ids = torch.where(token >= 0, one, values), torch.where(token >= 0, token, ids)
+        top_log_probs.append(values)
         top_ids.append(ids)
     return torch.cat(top_log_probs), torch.cat(top_ids)
 
