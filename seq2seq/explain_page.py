@@ -4,7 +4,6 @@ import base64
 import html
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from seq2seq import Seq2SeqError
@@ -14,7 +13,6 @@ from seq2seq.plots import heat_map
 
 def explain(cfg: DictConfig) -> None:
     from seq2seq.config import check_choice, check_flag, search_config
-    from seq2seq.search import beam_search
     from seq2seq.translator import Translator
 
     search = search_config(cfg)
@@ -29,9 +27,7 @@ def explain(cfg: DictConfig) -> None:
     if cfg.target is not None:
         tgt_ids = tokenizer.encode(translator.prepare([str(cfg.target)], cfg.pretokenized, side="tgt"))[0][:limit]
     else:
-        with translator.decoding(search) as decoder:  # the translation `translate` gives, same settings
-            src = torch.tensor([src_ids + [tokenizer.eos_id]], device=decoder.embed.weight.device)
-            tgt_ids = beam_search(decoder, src, decoder.pad_mask(src), search)[0][0][0]
+        tgt_ids = translator.best_ids(src_ids, search)
     try:
         heads = [attention_steps(model, tokenizer, src_ids, tgt_ids, cfg.layer, h, cfg.kind)
                  for h in range(attention_module(model, cfg.kind, cfg.layer).n_heads)]

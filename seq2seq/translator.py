@@ -120,6 +120,13 @@ class Translator:
             best = [hyps[0][0] for hyps in self.translate_nbest(lines, search, progress, pretokenized, **settings)]
         return best[0] if single else best
 
+    def best_ids(self, src_ids: list[int], search: SearchConfig) -> list[int]:
+        """The target ids (no bos/eos) `translate` gives for one sentence's source ids, at the same settings:
+        what `visualize` and `explain` draw when no target is given."""
+        with self.decoding(search) as model:
+            src = pad_batch([src_ids]).to(next(model.parameters()).device)
+            return searched(model, src, search, prefix=None)[0][0][0]
+
     def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool,
                    search: SearchConfig) -> list[list[int]] | None:
         if prefixes is None:

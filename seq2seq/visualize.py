@@ -91,7 +91,6 @@ def write_html(maps: AttentionMaps, path: Path) -> None:
 
 def visualize(cfg: DictConfig) -> AttentionMaps:
     from seq2seq.config import check_choice, check_flag, search_config
-    from seq2seq.search import beam_search
     from seq2seq.translator import Translator
 
     search = search_config(cfg)
@@ -107,9 +106,7 @@ def visualize(cfg: DictConfig) -> AttentionMaps:
     if cfg.target is not None:
         tgt_ids = tokenizer.encode(translator.prepare([str(cfg.target)], cfg.pretokenized, side="tgt"))[0][:limit]
     else:
-        with translator.decoding(search) as decoder:  # the translation `translate` gives, same settings
-            src = torch.tensor([src_ids + [EOS_ID]], device=decoder.embed.weight.device)
-            tgt_ids = beam_search(decoder, src, decoder.pad_mask(src), search)[0][0][0]
+        tgt_ids = translator.best_ids(src_ids, search)
     maps = attention_maps(model, tokenizer, src_ids, tgt_ids)
     if cfg.format == "text":
         print(f"source: {' '.join(maps.src_tokens)}\ntarget: {' '.join(maps.tgt_out)}")

@@ -333,3 +333,17 @@ def test_a_translator_given_only_empty_lines_returns_empty_lines(tiny_model, tok
     translator = Translator(tiny_model, tokenizer, info, device="cpu")
     assert translator.translate(["", "  "], precision="32") == ["", ""]
     assert translator.translate(["", "\x00\x01\x1f"], precision="32")[0] == ""  # control characters: no crash
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_visualize_and_explain_draw_the_translation_that_translate_gives(tiny_model, tokenizer, beam_size):
+    from seq2seq.checkpoint import TextInfo
+    from seq2seq.translator import Translator
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    search = SearchConfig(beam_size=beam_size, precision="32", max_len_b=12)
+    for line in ("the cat sat on the mat .", "a dog ."):
+        translation = translator.translate(line, search)
+        src_ids = translator.encode(translator.prepare([line]))[0]
+        assert tokenizer.decode([translator.best_ids(src_ids, search)])[0] == translation
