@@ -15,7 +15,7 @@ from seq2seq.checkpoint import TextInfo
 from seq2seq.loss import projection_cross_entropy
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import Transformer
-from seq2seq.search import SearchConfig, beam_search, greedy_search
+from seq2seq.search import SearchConfig, search_batch
 from seq2seq.tokenizer import Tokenizer
 
 MONITOR = "val/bleu"  # the checkpoint callback and early stopping watch this
@@ -122,10 +122,7 @@ class TranslationModule(L.LightningModule):
         self.loss_sum += float(loss) * n_tokens
         self.token_count += n_tokens
         src = batch["src"]
-        if self.search.beam_size == 1:
-            hyps = greedy_search(self.model, src, self.model.pad_mask(src), self.search)[0].tolist()
-        else:
-            hyps = [nbest[0][0] for nbest in beam_search(self.model, src, self.model.pad_mask(src), self.search)]
+        hyps = [nbest[0][0] for nbest in search_batch(self.model, src, self.search)]
         self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps)))
 
     test_step = validation_step

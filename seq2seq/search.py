@@ -234,6 +234,18 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     return [[(hyp, score) for score, hyp in sorted(f, key=lambda x: -x[0])[:search.nbest]] for f in finished]
 
 
+def search_batch(model: Transformer, src: torch.Tensor, search: SearchConfig,
+                 prefix: torch.Tensor | None = None) -> list[list[tuple[list[int], float]]]:
+    """Each sentence's nbest (tokens without bos/eos, score), best first, as `search` asks: beam search, or for
+    one beam (and for sampling) greedy_search, which finds what one beam finds without ranking beams.
+    Args: src (B, S) ids; prefix (B, P) ids, -1 after a sentence's own (forced first tokens)."""
+    if search.beam_size > 1 and not search.sample:
+        return beam_search(model, src, model.pad_mask(src), search, prefix)
+    rows, scores = greedy_search(model, src, model.pad_mask(src), search, prefix)
+    return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, score)]
+            for row, score in zip(rows.tolist(), scores.tolist())]
+
+
 def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
     """Keep only the sentences `keep` in the cross-attention caches (one row per sentence)."""
     for layer in cache:

@@ -16,7 +16,7 @@ from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
 from seq2seq.ensemble import Ensemble
 from seq2seq.int8 import int8_copy
-from seq2seq.search import SearchConfig, beam_search, greedy_search
+from seq2seq.search import SearchConfig, search_batch
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
@@ -125,7 +125,7 @@ class Translator:
         what `visualize` and `explain` draw when no target is given."""
         with self.decoding(search) as model:
             src = pad_batch([src_ids]).to(next(model.parameters()).device)
-            return searched(model, src, search, prefix=None)[0][0][0]
+            return search_batch(model, src, search)[0][0][0]
 
     def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool,
                    search: SearchConfig) -> list[list[int]] | None:
@@ -164,24 +164,13 @@ class Translator:
                 rows = [todo[i] for i in batch]
                 src = pad_batch([ids[r] for r in rows]).to(next(model.parameters()).device)
                 prefix = pad_prefix([forced[r] for r in rows], src.device) if forced else None
-                hyps = searched(model, src, search, prefix)
+                hyps = search_batch(model, src, search, prefix)
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                     out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
                 bar.update(len(rows))
         bar.close()
         return out
-
-
-def searched(model, src: torch.Tensor, search: SearchConfig,
-             prefix: torch.Tensor | None) -> list[list[tuple[list[int], float]]]:
-    """Each sentence's nbest (tokens without bos/eos, score), best first: beam search, or for one beam (and
-    for sampling) greedy_search, which finds what one beam finds without ranking beams at every step."""
-    if search.beam_size > 1 and not search.sample:
-        return beam_search(model, src, model.pad_mask(src), search, prefix)
-    rows, scores = greedy_search(model, src, model.pad_mask(src), search, prefix)
-    return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, score)]
-            for row, score in zip(rows.tolist(), scores.tolist())]
 
 
 def pad_prefix(prefixes: list[list[int]], device) -> torch.Tensor:
