@@ -7,7 +7,7 @@ import torch
 from seq2seq.ensemble import Ensemble
 from seq2seq.int8 import int8_copy
 from seq2seq.model import Transformer
-from seq2seq.search import SearchConfig, beam_search
+from seq2seq.search import SearchConfig, beam_search, search_batch
 from tests.conftest import batch, run_py
 
 
@@ -16,11 +16,12 @@ def other_model(model: Transformer, seed: int, **changes) -> Transformer:
     return Transformer(replace(model.cfg, **changes)).eval()
 
 
-def test_an_ensemble_of_one_model_searches_as_that_model(tiny_model):
+@pytest.mark.parametrize("beam_size", [1, 4])  # greedy search, beam search
+def test_an_ensemble_of_one_model_searches_as_that_model(tiny_model, beam_size):
     src, _ = batch(tiny_model.cfg.vocab_size, B=4, S=9)
-    search = SearchConfig(beam_size=4, nbest=4, max_len_b=12)
-    alone = beam_search(tiny_model, src, tiny_model.pad_mask(src), search)
-    together = beam_search(Ensemble([tiny_model]), src, tiny_model.pad_mask(src), search)
+    search = SearchConfig(beam_size=beam_size, nbest=beam_size, max_len_b=12)
+    alone = search_batch(tiny_model, src, search)
+    together = search_batch(Ensemble([tiny_model]), src, search)
     assert [[h for h, _ in s] for s in together] == [[h for h, _ in s] for s in alone]
     assert [s for sentence in together for _, s in sentence] == pytest.approx(
         [s for sentence in alone for _, s in sentence], abs=1e-4)
