@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seq2seq.attention import KVCache
 from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
@@ -132,6 +134,33 @@ def test_greedy_search_finds_what_one_beam_finds_with_its_score(tiny_model, sett
         assert ids[0, :3].tolist() == [7, 8, 9] and ids[1, 0] == 10
     if "min_len" in settings:
         assert all(row.index(EOS_ID) == 4 for row in ids.tolist())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(alpha=st.sampled_from([0.0, 0.6, 1.2]), min_len=st.integers(0, 5), max_len_a=st.sampled_from([0.0, 0.5, 1.5]),
+       max_len_b=st.integers(0, 10), eos_boost=st.sampled_from([0.0, 10.0]), seed=st.integers(0, 2 ** 16),
+       prefix_len=st.integers(0, 4))
+def test_greedy_search_and_one_beam_agree_under_any_settings(tiny_model, alpha, min_len, max_len_a, max_len_b,
+                                                             eos_boost, seed, prefix_len):
+    """Random length limits, min_len, length penalties, prefixes of random lengths (some rows with none), and a
+    model that would end early (eos favoured) or not: the same tokens and scores."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (6, 7), generator=g)
+    src[torch.arange(7) >= torch.randint(1, 8, (6, 1), generator=g)] = PAD_ID  # each row its own length
+    prefix = torch.randint(4, tiny_model.cfg.vocab_size, (6, prefix_len), generator=g) if prefix_len else None
+    if prefix is not None:
+        prefix[torch.arange(prefix_len) >= torch.randint(0, prefix_len + 1, (6, 1), generator=g)] = -1
+    search = SearchConfig(beam_size=1, alpha=alpha, min_len=min_len, max_len_a=max_len_a, max_len_b=max_len_b)
+    project = tiny_model.project
+    tiny_model.project = lambda h: project(h).index_add(-1, torch.tensor([EOS_ID]), torch.full((len(h), 1), eos_boost))
+    try:
+        ids, scores = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
+        beam = beam_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
+    finally:
+        del tiny_model.project
+    for row, score, nbest in zip(ids.tolist(), scores.tolist(), beam):
+        assert (row[:row.index(EOS_ID)] if EOS_ID in row else row) == nbest[0][0]
+        assert abs(score - nbest[0][1]) < 1e-4
 
 
 def test_a_drawn_translation_starts_with_its_forced_prefix(tiny_model):
