@@ -127,8 +127,7 @@ class Translator:
             src = pad_batch([src_ids]).to(next(model.parameters()).device)
             return search_batch(model, src, search)[0][0][0]
 
-    def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool,
-                   search: SearchConfig) -> list[list[int]] | None:
+    def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool) -> list[list[int]] | None:
         if prefixes is None:
             return None
         if len(prefixes) != n:
@@ -152,7 +151,7 @@ class Translator:
         `prefixes`: one target text per line that its translations must begin with ("" for none)."""
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
-        forced = self.prefix_ids(prefixes, len(lines), pretokenized, search)
+        forced = self.prefix_ids(prefixes, len(lines), pretokenized)
         sizes = np.array([len(s) + 1 for s in ids])
         out: list = [[("", 0.0)] for _ in lines]
         todo = [i for i, s in enumerate(ids) if s]
@@ -235,7 +234,7 @@ class CTranslate2Translator(Translator):
                         **settings) -> list[list[tuple[str, float]]]:
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
-        forced = self.prefix_ids(prefixes, len(lines), pretokenized, search)
+        forced = self.prefix_ids(prefixes, len(lines), pretokenized)
         todo = [i for i, s in enumerate(ids) if s]
         out: list = [[("", 0.0)] for _ in lines]
         longest = max((len(ids[i]) + 1 for i in todo), default=1)
