@@ -125,6 +125,16 @@ def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     assert translator.prefixes[1] is None  # no prefix anywhere in a batch: the search gets none at all
 
 
+def test_a_sampling_service_takes_a_prefix_too():
+    """Greedy search and sampling continue a forced prefix as beam search does: no 400 for the pair."""
+    translator = Echo()
+    app = create_app(translator, SearchConfig(beam_size=1, sample=True), ServeLimits(batch_ms=1.0))
+    with TestClient(app) as http:
+        answer = http.post("/translate", json={"q": "c", "source": "en", "target": "ja", "prefix": "私は"})
+    assert answer.status_code == 200 and answer.json() == {"translatedText": "私はC"}
+    assert translator.prefixes == [["私は"]]
+
+
 @pytest.mark.parametrize("body, status, error", [
     ({"q": "hi", "source": "fr", "target": "ja"}, 400, "source='fr', target='ja': this model translates en to ja"),
     ({"q": "hi", "source": "en"}, 400, "target: Field required"),
