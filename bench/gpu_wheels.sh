@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The wheels that bench/gpu_check.sh needs and a lent GPU machine lacks, downloaded here into .whl/ (git-ignored
 # through .git/info/exclude), where pip reaches PyPI; the lent machine reaches nothing. Its image holds torch,
-# lightning, sacrebleu, sentencepiece, transformers, matplotlib, pytest and tensorboard
-# (/work/.library/device/KINDS.md), not Hydra, MeCab or sacremoses. The working tree that travels is capped at
+# lightning, sacrebleu, sentencepiece, transformers, matplotlib, pytest and tensorboard (as the device tool
+# describes it), not Hydra, MeCab or sacremoses. The working tree that travels is capped at
 # 64 MiB: these come to about 16 MiB.
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]     # the lent machine's python3, 3.12 (default)
 # CTranslate2 (41 MiB, built against CUDA 12 where the image has CUDA 13) is left out: bench/decode.py then leaves
