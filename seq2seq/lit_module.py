@@ -122,7 +122,7 @@ class TranslationModule(L.LightningModule):
         self.loss_sum += float(loss) * n_tokens
         self.token_count += n_tokens
         src = batch["src"]
-        hyps = [nbest[0][0] for nbest in search_batch(self.model, src, self.search)]
+        hyps = [nbest[0][0] for nbest in search_batch(self.model, src, self.search, scores=False)]
         self.hyps.extend(zip(batch["ids"].tolist(), self.tokenizer.decode(hyps)))
 
     test_step = validation_step

@@ -101,22 +101,24 @@ def output_limits(model: Transformer, src_pad_mask: torch.Tensor, search: Search
 
 @torch.no_grad()
 def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, search: SearchConfig,
-                  prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  prefix: torch.Tensor | None = None, scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the most probable token at each step (or draw one, with `search.sample`) until every sentence
     has produced eos: beam search with one beam, the same outputs and scores, without the beams' ranking.
 
     Of `search`, the length limits (min_len, `max_output_lens`), the length penalty and the sampling
     settings apply; a `prefix` forces each sentence's first tokens, as in beam search. A sentence that has
-    ended leaves the batch, so that later steps compute only the sentences still being written.
+    ended leaves the batch, so that later steps compute only the sentences still being written. With
+    `scores=False` the tokens are taken from the logits as they are: the most probable token is the one with
+    the largest logit, and the log-normalizer (an exp over all V logits of every row, every step) is skipped.
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding; prefix (B, P) ids, -1 after a sentence's own.
     Returns: (B, T) ids without bos, eos ending each sentence and pad following it; and (B,) scores,
-    log P / lp as beam search ranks its hypotheses (0 where sampled).
+    log P / lp as beam search ranks its hypotheses (0 where sampled or not asked for).
     """
     memory = encode_by_length(model, src, src_pad_mask)
     limit = output_limits(model, src_pad_mask, search, prefix)  # (B,)
     last_steps = set(limit.tolist())  # the steps at which some sentence must end: read once, not once a step
     out = torch.full((src.size(0), max(last_steps) + 1), PAD_ID, dtype=torch.long, device=src.device)
-    scores = torch.zeros(src.size(0), device=src.device)  # (B,): log P / lp once a sentence has ended
+    final = torch.zeros(src.size(0), device=src.device)  # (B,): log P / lp once a sentence has ended
     log_p = torch.zeros(src.size(0), device=src.device)  # (B',): log P of each prefix still being written
     alive = torch.arange(src.size(0), device=src.device)  # the sentences still written (their rows in out)
     last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)  # (B', 1)
@@ -131,13 +133,13 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
         else:
             must_end = limit.eq(step) if step in last_steps else None  # (B',)
             best_log_p, best = top_next_tokens(model, h, 1, eos_allowed=step >= search.min_len,
-                                               must_end=must_end, forced=forced)  # (B', 1) each
-            log_p, next_token = log_p + best_log_p[:, 0], best[:, 0]
+                                               must_end=must_end, forced=forced, log_p=scores)  # (B', 1) each
+            log_p, next_token = log_p + best_log_p[:, 0] if scores else log_p, best[:, 0]
         out[alive, step] = next_token
         ended = next_token.eq(EOS_ID)
         n_ended = int(ended.sum())  # the step's one host sync
-        if n_ended and not search.sample:
-            scores[alive] = torch.where(ended, log_p / length_penalty(step + 1, search.alpha), scores[alive])
+        if n_ended and scores and not search.sample:
+            final[alive] = torch.where(ended, log_p / length_penalty(step + 1, search.alpha), final[alive])
         if n_ended == alive.size(0):
             break
         if n_ended:
@@ -148,7 +150,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Ten
             reorder_cache(cache, keep)
             drop_sentences(cache, keep)
         last = next_token[:, None]
-    return out[:, :step + 1], scores
+    return out[:, :step + 1], final
 
 
 def draw(logits: torch.Tensor, search: SearchConfig, generator: torch.Generator) -> torch.Tensor:
@@ -235,13 +237,15 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
 
 
 def search_batch(model: Transformer, src: torch.Tensor, search: SearchConfig,
-                 prefix: torch.Tensor | None = None) -> list[list[tuple[list[int], float]]]:
+                 prefix: torch.Tensor | None = None, scores: bool = True) -> list[list[tuple[list[int], float]]]:
     """Each sentence's nbest (tokens without bos/eos, score), best first, as `search` asks: beam search, or for
     one beam (and for sampling) greedy_search, which finds what one beam finds without ranking beams.
+    `scores=False`: the caller does not read the scores, so greedy search skips the log-normalizer and gives
+    0 (beam search ranks by them, and always has them).
     Args: src (B, S) ids; prefix (B, P) ids, -1 after a sentence's own (forced first tokens)."""
     if search.beam_size > 1 and not search.sample:
         return beam_search(model, src, model.pad_mask(src), search, prefix)
-    rows, scores = greedy_search(model, src, model.pad_mask(src), search, prefix)
+    rows, scores = greedy_search(model, src, model.pad_mask(src), search, prefix, scores)
     return [[(row[:row.index(EOS_ID)] if EOS_ID in row else row, score)]
             for row, score in zip(rows.tolist(), scores.tolist())]
 
@@ -255,9 +259,11 @@ def drop_sentences(cache: list[dict], keep: torch.Tensor) -> None:
 
 
 def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bool, must_end: torch.Tensor | None,
-                    forced: torch.Tensor | None = None,
-                    rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    forced: torch.Tensor | None = None, rows_per_chunk: int | None = None,
+                    log_p: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable next tokens for each decoder state h (N, D): (log P (N, k) in fp32, ids (N, k)).
+    With `log_p=False`, the same ids with their logits in place of log P: no log-normalizer is computed (an exp
+    over each row's V logits), which is what CTranslate2 skips too unless asked for scores.
 
     Rows where `must_end` (N,) is True reached their length limit: eos is their only continuation
     (it wins over `eos_allowed=False`, the min_len rule); None where the caller knows no row does. `forced`
@@ -277,7 +283,7 @@ def top_next_tokens(model: Transformer, h: torch.Tensor, k: int, eos_allowed: bo
     for start in range(0, h.size(0), rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         logits = model.project(h[rows]).float()  # (C, V)
-        log_z = logits.logsumexp(dim=-1, keepdim=True)  # (C, 1): log P(v) = logit_v - log_z
+        log_z = logits.logsumexp(dim=-1, keepdim=True) if log_p else 0  # (C, 1): log P(v) = logit_v - log_z
         if only is not None:
             token = only[rows, None]  # (C, 1)
             only_log_p = logits.gather(1, token.clamp(min=0)) - log_z  # (C, 1), before eos is masked

@@ -121,7 +121,7 @@ class Batcher:
         search = replace(self.search, nbest=nbest, beam_size=max(self.search.beam_size, nbest))
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes))
+                self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes, scores=False))
         except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
             log.exception("translation failed")
             for _, _, _, future in batch:
@@ -135,8 +135,8 @@ class Batcher:
 
 def create_app(translator, search: SearchConfig, limits: ServeLimits,
                worker: ThreadPoolExecutor | None = None) -> FastAPI:
-    """The service around `translator` (anything with .info and .translate_nbest(lines, search)), decoding
-    on `worker` (the thread that loaded the model, see `translation_thread`)."""
+    """The service around `translator` (anything with .info and .translate_nbest(lines, search, prefixes=,
+    scores=)), decoding on `worker` (the thread that loaded the model, see `translation_thread`)."""
     src_lang, tgt_lang = translator.info.src_lang, translator.info.tgt_lang
     batcher = Batcher(translator.translate_nbest, search, limits, worker or translation_thread())
 

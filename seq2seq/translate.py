@@ -84,7 +84,8 @@ def translate_chunk(translator, chunk: list[str], forced: list[str] | None, sear
     if split:
         results = [[(t, 0.0)] for t in translator.translate(chunk, search, pretokenized=pretokenized, split=True)]
     else:
-        results = translator.translate_nbest(chunk, search, pretokenized=pretokenized, prefixes=forced)
+        results = translator.translate_nbest(chunk, search, pretokenized=pretokenized, prefixes=forced,
+                                             scores=search.nbest > 1)  # printed only with the nbest list
     if search.nbest > 1:
         return "".join(f"{first + i} ||| {hyp} ||| {score:.4f}\n"
                        for i, hyps in enumerate(results, 1) for hyp, score in hyps)

@@ -117,7 +117,8 @@ class Translator:
         if split:
             best = self.translate_sentences(lines, search, progress, pretokenized, **settings)
         else:
-            best = [hyps[0][0] for hyps in self.translate_nbest(lines, search, progress, pretokenized, **settings)]
+            best = [hyps[0][0] for hyps in self.translate_nbest(lines, search, progress, pretokenized, scores=False,
+                                                                 **settings)]
         return best[0] if single else best
 
     def best_ids(self, src_ids: list[int], search: SearchConfig) -> list[int]:
@@ -125,7 +126,7 @@ class Translator:
         what `visualize` and `explain` draw when no target is given."""
         with self.decoding(search) as model:
             src = pad_batch([src_ids]).to(next(model.parameters()).device)
-            return search_batch(model, src, search)[0][0][0]
+            return search_batch(model, src, search, scores=False)[0][0][0]
 
     def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool) -> list[list[int]] | None:
         if prefixes is None:
@@ -137,7 +138,7 @@ class Translator:
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
         """Each line split into sentences, all sentences translated as one batch, each line rejoined."""
         sentences = [split_sentences(line, self.info.src_lang) for line in lines]
-        flat = self.translate_nbest([s for line in sentences for s in line], *args, **settings)
+        flat = self.translate_nbest([s for line in sentences for s in line], *args, scores=False, **settings)
         out, at = [], 0
         for line in sentences:
             out.append(join_sentences([hyps[0][0] for hyps in flat[at:at + len(line)]], self.info.tgt_lang))
@@ -145,10 +146,11 @@ class Translator:
         return out
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
-                        pretokenized: bool = False, prefixes: list[str] | None = None,
+                        pretokenized: bool = False, prefixes: list[str] | None = None, scores: bool = True,
                         **settings) -> list[list[tuple[str, float]]]:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
-        `prefixes`: one target text per line that its translations must begin with ("" for none)."""
+        `prefixes`: one target text per line that its translations must begin with ("" for none).
+        `scores=False`: every score is 0 where greedy search would compute it only for them (`search_batch`)."""
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
         forced = self.prefix_ids(prefixes, len(lines), pretokenized)
@@ -163,7 +165,7 @@ class Translator:
                 rows = [todo[i] for i in batch]
                 src = pad_batch([ids[r] for r in rows]).to(next(model.parameters()).device)
                 prefix = pad_prefix([forced[r] for r in rows], src.device) if forced else None
-                hyps = search_batch(model, src, search, prefix)
+                hyps = search_batch(model, src, search, prefix, scores)
                 for r, sentence_hyps in zip(rows, hyps):
                     texts = self.tokenizer.decode([h for h, _ in sentence_hyps])
                     out[r] = [(self.finish(t, pretokenized), s) for t, (_, s) in zip(texts, sentence_hyps)]
@@ -230,7 +232,7 @@ class CTranslate2Translator(Translator):
         self.runtime(search.precision)
 
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
-                        pretokenized: bool = False, prefixes: list[str] | None = None,
+                        pretokenized: bool = False, prefixes: list[str] | None = None, scores: bool = True,
                         **settings) -> list[list[tuple[str, float]]]:
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
@@ -245,14 +247,14 @@ class CTranslate2Translator(Translator):
         results = self.runtime(search.precision).translate_batch(
             [self.tokenizer.pieces(ids[i]) + ["</s>"] for i in todo], max_batch_size=search.max_tokens,
             batch_type="tokens", beam_size=1 if search.sample else search.beam_size, num_hypotheses=search.nbest,
-            return_scores=True, min_decoding_length=search.min_len,
+            return_scores=scores, min_decoding_length=search.min_len,
             max_decoding_length=min(int(search.max_len_a * longest + search.max_len_b), self.max_len - 1),  # eos not counted
             sampling_topk=(search.top_k or 0) if search.sample else 1, sampling_topp=search.top_p,
             sampling_temperature=search.temperature,
             target_prefix=[self.tokenizer.pieces(forced[i]) for i in todo] if forced else None)
         for i, result in zip(todo, results):
             texts = [self.tokenizer.sp.decode_pieces(hyp) for hyp in result.hypotheses]
-            out[i] = [(self.finish(t, pretokenized), s) for t, s in zip(texts, result.scores)]
+            out[i] = [(self.finish(t, pretokenized), s) for t, s in zip(texts, result.scores or [0.0] * len(texts))]
         return out
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seq2seq.attention import KVCache
 from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
@@ -156,11 +157,43 @@ def test_greedy_search_and_one_beam_agree_under_any_settings(tiny_model, alpha, 
     try:
         ids, scores = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
         beam = beam_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
+        unscored, _ = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix, scores=False)
     finally:
         del tiny_model.project
     for row, score, nbest in zip(ids.tolist(), scores.tolist(), beam):
         assert (row[:row.index(EOS_ID)] if EOS_ID in row else row) == nbest[0][0]
         assert abs(score - nbest[0][1]) < 1e-4
+    assert torch.equal(unscored, ids)  # the largest logit is the most probable token
+
+
+class OpNames(TorchDispatchMode):
+    """The name of every aten op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_greedy_search_without_scores_takes_no_exp_over_the_vocabulary(tiny_model, scores):
+    """translate, serve and validation never show a greedy translation's score: without one, the log-normalizer
+    (an exp of each of V logits, every row, every step) is not computed, and the tokens are the same."""
+    src, _ = batch(tiny_model.cfg.vocab_size, B=8, S=9)
+    prefix = torch.tensor([[7, 8], [10, -1]] + [[-1, -1]] * 6)
+    search = SearchConfig(beam_size=1, min_len=2)
+    expected, expected_scores = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix)
+    with OpNames() as ops:
+        ids, got_scores = greedy_search(tiny_model, src, tiny_model.pad_mask(src), search, prefix, scores=scores)
+    assert torch.equal(ids, expected)
+    exps = [name for name in ops.names if name in ("aten::exp", "aten::exp_", "aten::logsumexp")]
+    if scores:
+        assert exps and torch.equal(got_scores, expected_scores) and (got_scores < 0).all()
+    else:
+        assert exps == [] and (got_scores == 0).all()
 
 
 def test_a_drawn_translation_starts_with_its_forced_prefix(tiny_model):
@@ -376,3 +409,19 @@ def test_visualize_and_explain_draw_the_translation_that_translate_gives(tiny_mo
         translation = translator.translate(line, search)
         src_ids = translator.encode(translator.prepare([line]))[0]
         assert tokenizer.decode([translator.best_ids(src_ids, search)])[0] == translation
+
+
+def test_translate_leaves_out_greedy_scores_and_translate_nbest_keeps_them(tiny_model, tokenizer):
+    """`translate` returns text only (as do the CLI without nbest, the service and validation): its greedy search
+    computes no log-normalizer. `translate_nbest`, which returns scores, still gets them; the text is the same."""
+    from seq2seq.checkpoint import TextInfo
+    from seq2seq.translator import Translator
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    lines, search = ["the cat sat on the mat .", "a dog ."], SearchConfig(beam_size=1, precision="32", max_len_b=12)
+    with OpNames() as ops:
+        texts = translator.translate(lines, search)
+    assert "aten::logsumexp" not in ops.names and "aten::exp" not in ops.names
+    nbest = translator.translate_nbest(lines, search)
+    assert [hyps[0][0] for hyps in nbest] == texts and all(hyps[0][1] < 0 for hyps in nbest)

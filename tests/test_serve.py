@@ -25,7 +25,7 @@ class Echo:
     def __init__(self):
         self.batches, self.prefixes = [], []
 
-    def translate_nbest(self, lines, search, prefixes=None):
+    def translate_nbest(self, lines, search, prefixes=None, scores=True):
         self.batches.append(list(lines))
         self.prefixes.append(prefixes)
         starts = prefixes or [""] * len(lines)
@@ -175,7 +175,7 @@ def test_malformed_json_and_a_large_body_are_4xx():
 
 def test_a_failing_model_is_a_503_not_a_crash():
     class Broken(Echo):
-        def translate_nbest(self, lines, search, prefixes=None):
+        def translate_nbest(self, lines, search, prefixes=None, scores=True):
             raise RuntimeError("out of memory")
 
     with client(Broken())[0] as http:

@@ -201,7 +201,7 @@ class Numbered:
     def __init__(self):
         self.chunks = []
 
-    def translate_nbest(self, lines, search, pretokenized=False, prefixes=None):
+    def translate_nbest(self, lines, search, pretokenized=False, prefixes=None, scores=True):
         self.chunks.append(len(lines))
         prefixes = prefixes or [""] * len(lines)
         return [[(p + line[::-1], 0.0), (p + line, -1.0)][:search.nbest] for line, p in zip(lines, prefixes)]
