@@ -12,8 +12,10 @@
 
 Both sides decode at `--precision` (default: auto, the machine's choice). An answer should not depend on
 which requests share its batch: at fp32 none has differed; int8 scales each row on its own, and only
-rare near-ties differ (attention over another batch's padding changes fp32 sums in their last bit). `--batch-max-ms 5 50` loads two services side by side: 5 is the fixed 5 ms
-window of `batch_ms` alone (the batcher before a batch could follow a burst), 50 the default. Bounded: every request has a timeout, and the service is stopped at the end.
+rare near-ties differ (attention over another batch's padding changes fp32 sums in their last bit).
+`--batch-max-ms 5 50` loads two services side by side: 5 is the fixed 5 ms window of `batch_ms` alone
+(the batcher before a batch could follow a burst), 50 the default. Bounded: every request has a timeout,
+and the service is stopped at the end.
 
     python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja [--batch-max-ms 5 50]
 """
@@ -161,8 +163,8 @@ def main():
 
     precision = choose_precision(args.precision, "cpu", training=False, machine=this_machine(),
                                  d_model=translator.model.cfg.d_model)[0]
-    print(f"\nservice: beam {args.beam_size}, precision {args.precision} ({precision}); {args.requests} one-sentence requests from {args.clients} clients; "
-          f"one batch job: {args.requests / batch_s:.1f} sentences/s")
+    print(f"\nservice: beam {args.beam_size}, precision {args.precision} ({precision}); "
+          f"{args.requests} one-sentence requests from {args.clients} clients; one batch job: {args.requests / batch_s:.1f} sentences/s")
     print("| batch_max_ms | errors | unlike offline | p50 ms | p99 ms | sentences/s | of the batch job |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch_max_ms, results, load_s in loads:

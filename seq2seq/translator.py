@@ -26,10 +26,11 @@ class Translator:
 
     Text: a model trained on a pre-tokenized corpus (small_parallel_enja) reads its input lowercased and
     word-segmented and writes natural text back (seq2seq/textprep.py), unless pretokenized=True says the
-    lines are in that form already (then the output stays in it too). The model sits on `device` (`auto`: the CUDA GPU when there is one, else the CPU); a translate call
-    with another `device=` moves it there. `precision` is decided per call (`auto`: seq2seq/hardware.py);
-    int8 decodes with an int8 copy of the model, made at its first use and kept. `model` may be an
-    Ensemble (seq2seq/ensemble.py): `Translator.from_checkpoint([a, b])`.
+    lines are in that form already (then the output stays in it too). The model sits on `device` (`auto`:
+    the CUDA GPU when there is one, else the CPU); a translate call with another `device=` moves it there.
+    `precision` is decided per call (`auto`: seq2seq/hardware.py); int8 decodes with an int8 copy of the
+    model, made at its first use and kept. `model` may be an Ensemble (seq2seq/ensemble.py):
+    `Translator.from_checkpoint([a, b])`.
     """
 
     def __init__(self, model, tokenizer, info: TextInfo, device: str = SearchConfig.device):
@@ -194,9 +195,10 @@ class CTranslate2Translator(Translator):
     """A model exported by `run.py export format=ctranslate2`, decoded by CTranslate2, with the same text
     preparation, sentence splitting and naturalizing as Translator (`translate backend=ctranslate2`).
 
-    Search settings map to CTranslate2's: precision (compute_type; auto is CTranslate2's own), beam_size, nbest (num_hypotheses), min_len, max_len_b (+ the
-    source length times max_len_a, as a cap for the whole batch), sample/temperature/top_k/seed. Its
-    length penalty differs from our GNMT alpha, so beam outputs can differ; greedy output is the same.
+    Search settings map to CTranslate2's: precision (compute_type; auto is CTranslate2's own), beam_size,
+    nbest (num_hypotheses), min_len, max_len_b (+ the source length times max_len_a, as a cap for the whole
+    batch), sample/temperature/top_k/seed. Its length penalty differs from our GNMT alpha, so beam outputs
+    can differ; greedy output is the same.
     """
 
     def __init__(self, model_dir: str | Path, device: str = "auto"):

@@ -139,7 +139,9 @@ def test_the_inference_path_imports_no_lightning():
     """Translator, search, tokenizer, checkpoint loading and the samplers are what a service or a script
     imports: Lightning (seconds to import, and a training framework) stays out of them."""
     modules = "seq2seq.translator seq2seq.search seq2seq.tokenizer seq2seq.checkpoint seq2seq.data seq2seq.files"
-    code = f"import sys\nfor m in {modules.split()!r}: __import__(m)\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'lightning', 'pytorch_lightning', 'hydra'}}))"
+    frameworks = {"lightning", "pytorch_lightning", "hydra"}
+    code = (f"import sys\nfor m in {modules.split()!r}: __import__(m)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {frameworks!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
 
