@@ -56,3 +56,22 @@ def test_the_gpu_check_script_runs_every_step_in_its_cpu_rehearsal(tmp_path):
     assert re.search(r"\nbeam5 forced 20: best seq2seq \(.+\) / Marian \(.+\) = [\d.]+x", log), log
     assert re.search(r"\nGPU-style \d+ sentences/s, CPU-style \d+; same output: True\n", log), log
     assert re.search(r"\ngpu_check: done in \d+ s\n$", log), log
+
+
+def test_batch_size_bench_prints_every_batch_size_at_every_precision(smoke_run, tmp_path):
+    (tmp_path / "test.en").write_text("a cat .\nthe dog sat .\ntea .\nhe runs .\nshe is here .\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "bench/batch_size.py", "--ckpt", str(smoke_run / "checkpoints" / "best.ckpt"),
+                           "--data-url", str(tmp_path), "--lines", "5", "--largest", "4", "--beam-size", "3",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("machine: CPU") and "\nauto decodes at 32 here: d_model 64 < 128" in out
+    header = re.search(r"\n\| search \| n \| rows a step \| 32((?: \| \w+)*) \|", out)
+    assert header, out
+    n_precisions = 1 + header.group(1).count("|")  # 32 and the others; each other has its ratio to 32 too
+    rows = re.findall(r"\n\| (greedy|beam 3) \| (\d+) \| (\d+) \|((?: [\d.]+x? \|)+)", out)
+    assert [(s, int(n), int(r)) for s, n, r, _ in rows] == [("greedy", 1, 1), ("greedy", 2, 2), ("greedy", 4, 4),
+                                                            ("beam 3", 1, 3), ("beam 3", 2, 6), ("beam 3", 4, 12)]
+    for *_, cells in rows:
+        values = cells.strip(" |").split(" | ")
+        assert len(values) == 2 * n_precisions - 1 and all(float(v.rstrip("x")) > 0 for v in values)
