@@ -20,6 +20,13 @@ from seq2seq.search import SearchConfig, search_batch
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
+# Lines are tokenized on one thread. SentencePiece starts a pool of threads at each call with a list, and beside
+# torch's OpenMP threads, which spin on the cores for a while after each parallel op, its threads wait for a core:
+# one line took 1.1-2.3 ms (median) that way inside a translate call on 2 cores, 0.075 ms on one thread. A batch
+# takes about a thousand times longer to translate than to tokenize (500 lines: 1.8 ms of 1.3-1.8 s), so the
+# pool saves nothing there either.
+ENCODE_THREADS = 1
+
 
 class Translator:
     """A trained model with its tokenizer: `Translator.from_checkpoint(path).translate("I like tea.")`.
@@ -98,7 +105,7 @@ class Translator:
 
     def encode(self, lines: list[str]) -> list[list[int]]:
         """Encode prepared lines and cut those the model cannot take (with a warning naming them)."""
-        ids = self.tokenizer.encode(lines)
+        ids = self.tokenizer.encode(lines, threads=ENCODE_THREADS)
         limit = self.max_len - 1  # room for eos
         for lineno, seq in enumerate(ids, 1):
             if len(seq) > limit:
@@ -134,7 +141,8 @@ class Translator:
             return None
         if len(prefixes) != n:
             raise Seq2SeqError(f"{len(prefixes)} prefixes for {n} lines: give one per line (an empty one for none)")
-        return [seq[:self.max_len - 2] for seq in self.tokenizer.encode(self.prepare(prefixes, pretokenized, "tgt"))]
+        prefixes = self.prepare(prefixes, pretokenized, "tgt")
+        return [seq[:self.max_len - 2] for seq in self.tokenizer.encode(prefixes, threads=ENCODE_THREADS)]
 
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
         """Each line split into sentences, all sentences translated as one batch, each line rejoined."""

@@ -425,3 +425,19 @@ def test_translate_leaves_out_greedy_scores_and_translate_nbest_keeps_them(tiny_
     assert "aten::logsumexp" not in ops.names and "aten::exp" not in ops.names
     nbest = translator.translate_nbest(lines, search)
     assert [hyps[0][0] for hyps in nbest] == texts and all(hyps[0][1] < 0 for hyps in nbest)
+
+
+def test_translator_tokenizes_on_one_thread(tiny_model, tokenizer, monkeypatch):
+    """SentencePiece's thread pool, started at each call, waits for cores that torch's OpenMP threads spin on
+    (translator.ENCODE_THREADS): the translator asks for one thread, for the lines and for their prefixes."""
+    from seq2seq.checkpoint import TextInfo
+    from seq2seq.translator import Translator
+
+    asked, encode = [], tokenizer.sp.encode
+    monkeypatch.setattr(tokenizer.sp, "encode", lambda lines, num_threads=-1, **kw: asked.append(num_threads)
+                        or encode(lines, num_threads=num_threads, **kw))
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    translator.translate_nbest(["the cat sat on the mat .", "a dog ."], SearchConfig(beam_size=1, precision="32",
+                               max_len_b=4), prefixes=["", "a"])
+    assert asked == [1, 1]
