@@ -7,9 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import seq2seq.search
 from seq2seq.attention import KVCache
 from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
-                            greedy_search, top_next_tokens)
+                            greedy_search, search_batch, top_next_tokens)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.conftest import HostSyncs, batch
 
@@ -111,6 +112,27 @@ def test_beam_finds_the_best_sequence_where_greedy_does_not():
     tokens, score = best[0][0]
     assert tokens == [6]
     assert abs(score - math.log(0.4 * 0.9)) < 1e-4
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_batch_without_padding_is_decoded_without_a_mask_to_the_same_output(tiny_model, beam_size, monkeypatch):
+    """One sentence, or sentences of one length, have no padding: the attention layers get no mask, which would
+    hide nothing and cost each call a conversion and an add (`attention_padding`). Same tokens, scores bit for bit."""
+    torch.manual_seed(0)
+    src = torch.randint(4, tiny_model.cfg.vocab_size, (3, 6))
+    src[:, -1] = EOS_ID
+    padded = src.clone()
+    padded[0, 3], padded[0, 4:] = EOS_ID, PAD_ID
+    masks, decode_step = [], tiny_model.decode_step
+    monkeypatch.setattr(tiny_model, "decode_step", lambda *args: masks.append(args[2]) or decode_step(*args))
+    search = SearchConfig(beam_size=beam_size, nbest=beam_size, max_len_a=0, max_len_b=8)
+    for rows, padding in ((src[:1], False), (src, False), (padded, True)):
+        masks.clear()
+        out = search_batch(tiny_model, rows, search)
+        assert masks and all((mask is not None) == padding for mask in masks)
+        with monkeypatch.context() as m:
+            m.setattr(seq2seq.search, "attention_padding", lambda mask: mask)  # every batch masked, as before
+            assert search_batch(tiny_model, rows, search) == out
 
 
 @pytest.mark.parametrize("settings", [dict(alpha=0.0), dict(alpha=1.2), dict(min_len=4), dict(max_len_a=0.5, max_len_b=2),
