@@ -69,21 +69,24 @@ class Translator:
     @contextmanager
     def decoding(self, search: SearchConfig):
         """The model to decode with, inside the autocast its precision asks for: on `search.device` (`auto`:
-        where the model is), at `search.precision` (`auto`: what this device does fastest, logged once)."""
+        where the model is), at `search.precision` (`auto`: what this device does fastest, logged once).
+        Without autocast, inside inference mode: autograd off, and no version counters or views tracked (1.07-1.25x
+        one sentence at a time in fp32 and int8). Not under autocast, whose cache of the weights cast to bf16
+        inference mode turns off (0.83-0.91x)."""
         if search.device != "auto":
             self.device = resolve_device(search.device, this_machine())
             self.model.to(self.device)
         precision, reason = choose_precision(search.precision, self.device.type, training=False,
                                              machine=this_machine(), d_model=self.model.cfg.d_model)
         log_choice(f"decoding precision {precision}: {reason}")
-        if precision == "int8":
-            self.int8_model = self.int8_model or int8_copy(self.model)
-            yield self.int8_model
-        elif precision in AUTOCAST_DTYPE:
+        if precision in AUTOCAST_DTYPE:
             with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
                 yield self.model
-        else:
-            yield self.model
+            return
+        if precision == "int8":
+            self.int8_model = self.int8_model or int8_copy(self.model)  # before inference mode: reusable
+        with torch.inference_mode():
+            yield self.int8_model if precision == "int8" else self.model
 
     def check(self, search: SearchConfig) -> None:
         """Refuse a device or precision this machine cannot give before any line is read: one line, not an

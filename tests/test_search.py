@@ -463,3 +463,19 @@ def test_translator_tokenizes_on_one_thread(tiny_model, tokenizer, monkeypatch):
     translator.translate_nbest(["the cat sat on the mat .", "a dog ."], SearchConfig(beam_size=1, precision="32",
                                max_len_b=4), prefixes=["", "a"])
     assert asked == [1, 1]
+
+
+@pytest.mark.parametrize("precision, inference", [("32", True), ("int8", True), ("bf16", False)])
+def test_translator_decodes_in_inference_mode_except_under_autocast(tiny_model, tokenizer, precision, inference):
+    """Inference mode drops version counters and view tracking (faster one sentence at a time), but under autocast
+    it turns off the cache of weights cast to bf16, so there the translator leaves it off. The int8 copy is made
+    before inference mode starts: ordinary tensors, which later calls in any mode can use."""
+    from seq2seq.checkpoint import TextInfo
+    from seq2seq.translator import Translator
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    with translator.decoding(SearchConfig(precision=precision)) as model:
+        assert torch.is_inference_mode_enabled() == inference  # (search itself runs under no_grad)
+        assert not any(t.is_inference() for t in model.state_dict().values())
+    assert translator.translate("a dog .", beam_size=1, precision=precision, max_len_b=4) is not None
