@@ -47,7 +47,8 @@ def main():
                                        seed=cfg.seed)
     datamodule.setup()
     train, max_tokens = datamodule.datasets["train"], cfg.data.max_tokens
-    orders = {"size only": first_batches(train, LengthOrderSampler(train.sizes, True, cfg.seed), max_tokens, args.steps),
+    size_only = LengthOrderSampler(train.sizes, True, cfg.seed)
+    orders = {"size only": first_batches(train, size_only, max_tokens, args.steps),
               "size, src, tgt": first_batches(train, train.sampler(True, cfg.seed), max_tokens, args.steps)}
     model, loss_fn, optimizer = ours(cfg, datamodule.tokenizer, "cpu")
     train_steps(model, loss_fn, optimizer, orders["size only"][:3], False, "cpu")  # warm-up

@@ -70,7 +70,8 @@ def child(corpus: Path, cache: Path, workers: int) -> None:
     first_batch = time.perf_counter()
     loader.batch_sampler.batches()  # one more epoch's batches
     print(json.dumps({"imports_s": imported - START, "setup_s": set_up - imported, "first_batch_s": first_batch - START,
-                      "epoch_batches_s": time.perf_counter() - first_batch, "train_pairs": len(datamodule.datasets["train"])}))
+                      "epoch_batches_s": time.perf_counter() - first_batch,
+                      "train_pairs": len(datamodule.datasets["train"])}))
 
 
 def run_child(corpus: Path, cache: Path, workers: int = 0) -> dict:

@@ -4,8 +4,8 @@ CTranslate2.
 Each system runs in its own process (so peak RSS is its own) on the small_parallel_enja test set
 (500 sentences). Our model is the trained checkpoint, and CTranslate2 runs the same trained weights
 (exported by `run.py export format=ctranslate2`, seq2seq/export.py), so their natural-length rows
-compare directly, BLEU included. Marian has the same shape but random weights, so only the *forced-length* rows (every system
-emits exactly --forced-len tokens per sentence) compare all three decoders. Every system runs at
+compare directly, BLEU included. Marian has the same shape but random weights, so only the *forced-length* rows
+(every system emits exactly --forced-len tokens per sentence) compare all three decoders. Every system runs at
 several batch sizes, and the ratios compare each one's fastest (Marian's generate() is not fastest
 at 64 sentences: 128 measured 24% faster at beam 5 bf16 in one run).
 

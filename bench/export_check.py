@@ -72,8 +72,9 @@ def main():
             from transformers import MarianMTModel, MarianTokenizer
 
             export_huggingface(args.ckpt, str(Path(tmp, "hf")))
-            hf_tok, hf = MarianTokenizer.from_pretrained(Path(tmp, "hf")), MarianMTModel.from_pretrained(Path(tmp, "hf"))
-            assert hf_tok(lines[:50])["input_ids"] == [seq + [tok.eos_id] for seq in ids[:50]], "MarianTokenizer ids differ"
+            hf_tok, hf = (cls.from_pretrained(Path(tmp, "hf")) for cls in (MarianTokenizer, MarianMTModel))
+            assert hf_tok(lines[:50])["input_ids"] == [seq + [tok.eos_id] for seq in ids[:50]], \
+                "MarianTokenizer ids differ"
 
             def marian():
                 out = []
@@ -88,7 +89,8 @@ def main():
                 marian()
                 theirs, seconds = timed(marian)
             same = sum(a == b for a, b in zip(theirs, reference))
-            print(f"{'HF MarianMTModel.generate':<28} {same:>5}/{len(lines):<4} {seconds:>8.2f} {seconds / our_s:>12.2f}")
+            print(f"{'HF MarianMTModel.generate':<28} {same:>5}/{len(lines):<4} {seconds:>8.2f} "
+                  f"{seconds / our_s:>12.2f}")
         import ctranslate2
 
         export_ctranslate2(args.ckpt, str(Path(tmp, "ct2")))

@@ -63,7 +63,8 @@ def main():
     heads = sorted((name for name in labels if name not in kinds), key=mean.get, reverse=True)
     print("| switched off | mean drop (nats/token) | what it attends to |\n|---|---:|---|")
     for name in kinds + heads[:args.top] + heads[-args.bottom:]:
-        print(f"| {name} | {mean[name]:.3f} | {describe(profiles[name], name.split()[0]) if name in profiles else ''} |")
+        profile = describe(profiles[name], name.split()[0]) if name in profiles else ""
+        print(f"| {name} | {mean[name]:.3f} | {profile} |")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def head_to_head(args, out: Path, ckpt: Path) -> dict:
                                                         "--data-url", data_url, "--forced-len", str(forced), *quick],
                 out / "head_to_head.log")
     rounds = found(r"(\d+) rounds, passes alternating", text, "round count").group(1)
-    ratios = {name: found(rf"\n{name} +[\d.]+ +[\d.]+ +([\d.]+)x +([\d.]+)x +([\d.]+)x\n", text, f"{name} ratio").groups()
+    row = r" +[\d.]+ +[\d.]+ +([\d.]+)x +([\d.]+)x +([\d.]+)x\n"  # two rates, then median, low and high ratios
+    ratios = {name: found(rf"\n{name}{row}", text, f"{name} ratio").groups()
               for name in ("greedy", f"greedy forced {forced}", "beam5", f"beam5 forced {forced}")}
     return dict(rounds=rounds, ratios=ratios)
 
@@ -153,8 +154,9 @@ def headline(machine: str, smoke_run: dict, train: dict, cases: dict, versus: di
         peers = ", ".join(f"{case[p]:.2f}x {p}" for p in ("CT2 int8", "CT2 float32", "Marian") if p in case)
         lines.append(f"{name}: {case['ours']} = {peers}; auto ({case['auto']}) / fastest ({case['fastest']}) = "
                      f"{case['auto_ratio']}")
-    lines.append(f"head to head with CT2 int8, alternating passes, median (range) of {versus['rounds']} rounds: " +
-                 ", ".join(f"{name} {median}x ({low}-{high})" for name, (median, low, high) in versus["ratios"].items()))
+    ratios = ", ".join(f"{name} {median}x ({low}-{high})" for name, (median, low, high) in versus["ratios"].items())
+    lines.append(f"head to head with CT2 int8, alternating passes, median (range) of {versus['rounds']} rounds: "
+                 + ratios)
     return "\n".join(lines)
 
 

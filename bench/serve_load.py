@@ -17,7 +17,8 @@ rare near-ties differ (attention over another batch's padding changes fp32 sums 
 (the batcher before a batch could follow a burst), 50 the default. Bounded: every request has a timeout,
 and the service is stopped at the end.
 
-    python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja [--batch-max-ms 5 50]
+    python bench/serve_load.py --ckpt runs/x/checkpoints/best.ckpt --data-url PATH/small_parallel_enja \
+        [--batch-max-ms 5 50]
 """
 import argparse
 import http.client
@@ -80,7 +81,8 @@ def hostile_bodies(n: int, langs: tuple[str, str]) -> list[bytes]:
         lambda: json.dumps({"q": "hello", "source": src, "target": tgt, "alternatives": 10 ** 9}).encode(),
         lambda: json.dumps({"q": "hello", "source": src, "target": tgt, "prefix": ["a", "b"]}).encode(),
         lambda: json.dumps([1, 2, 3]).encode(),
-        lambda: b'{"q": "\\ud800", "source": "' + src.encode() + b'", "target": "' + tgt.encode() + b'"}',  # lone surrogate
+        # a lone surrogate
+        lambda: b'{"q": "\\ud800", "source": "' + src.encode() + b'", "target": "' + tgt.encode() + b'"}',
         lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))),  # random bytes
     ]
     return [makers[i % len(makers)]() for i in range(n)]
@@ -164,7 +166,8 @@ def main():
     precision = choose_precision(args.precision, "cpu", training=False, machine=this_machine(),
                                  d_model=translator.model.cfg.d_model)[0]
     print(f"\nservice: beam {args.beam_size}, precision {args.precision} ({precision}); "
-          f"{args.requests} one-sentence requests from {args.clients} clients; one batch job: {args.requests / batch_s:.1f} sentences/s")
+          f"{args.requests} one-sentence requests from {args.clients} clients; "
+          f"one batch job: {args.requests / batch_s:.1f} sentences/s")
     print("| batch_max_ms | errors | unlike offline | p50 ms | p99 ms | sentences/s | of the batch job |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch_max_ms, results, load_s in loads:

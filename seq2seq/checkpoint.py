@@ -63,7 +63,8 @@ def load_model(path: str | Path) -> tuple[Transformer, Tokenizer, TextInfo]:
     try:
         tokenizer = Tokenizer(meta["spm_model"])
     except (RuntimeError, TypeError) as e:
-        raise Seq2SeqError(f"{path}: its SentencePiece model does not load ({str(e).strip().splitlines()[-1]})") from None
+        why = str(e).strip().splitlines()[-1]
+        raise Seq2SeqError(f"{path}: its SentencePiece model does not load ({why})") from None
     return model.eval(), tokenizer, info
 
 
@@ -81,7 +82,8 @@ def average_checkpoints(paths: list[str], output: str | Path) -> None:
     first = checkpoints[0]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
         if checkpoint["seq2seq"]["model_config"] != first["seq2seq"]["model_config"]:
-            raise Seq2SeqError(f"{path}: a different model config than {paths[0]}; only one model's checkpoints average")
+            raise Seq2SeqError(f"{path}: a different model config than {paths[0]}; "
+                               "only one model's checkpoints average")
     state = {name: sum(c["state_dict"][name].double() for c in checkpoints).div(len(checkpoints)).to(tensor.dtype)
              if tensor.is_floating_point() else tensor for name, tensor in first["state_dict"].items()}
     save_checkpoint({"state_dict": state, "seq2seq": first["seq2seq"], "averaged_from": [str(p) for p in paths]},

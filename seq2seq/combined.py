@@ -63,7 +63,8 @@ def part_config(cfg: DataConfig, name: str, values: dict) -> DataConfig:
     """One part of data=combined, in the combined corpus's direction."""
     from seq2seq.config import build_config
 
-    return build_config(DataConfig, {**values, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang}, f"data.parts.{name}")
+    values = {**values, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang}
+    return build_config(DataConfig, values, f"data.parts.{name}")
 
 
 def canonical(line: str) -> str:

@@ -39,7 +39,8 @@ def build_config(cls, cfg: DictConfig | dict, group: str, top_level: bool = Fals
     known = {f.name: f.type for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise Seq2SeqError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(set(known) - set(derived)))})")
+        settable = ", ".join(sorted(set(known) - set(derived)))
+        raise Seq2SeqError(f"unknown config key {prefix}{unknown[0]} (known: {settable})")
     for name, value in values.items():
         if value == "???":  # OmegaConf's mark for a value the preset leaves to the command line
             raise Seq2SeqError(f"{prefix}{name} is not set: give it on the command line ({prefix}{name}=...)")

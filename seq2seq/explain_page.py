@@ -52,7 +52,8 @@ def pictures(out: Path, heads: list[AttentionSteps], head: int, labels, drops, t
     where = f"{s.kind}, layer {s.layer}, head {s.head}"
     paths = {name: out / f"{name}.png" for name in ("scores", "mask", "masked", "weights", "contributions",
                                                      "importance")}
-    heat_map(s.scores, s.queries, s.keys, f"2. scores q·k/√d, before the mask ({where})", paths["scores"], cmap="RdBu_r")
+    heat_map(s.scores, s.queries, s.keys, f"2. scores q·k/√d, before the mask ({where})", paths["scores"],
+             cmap="RdBu_r")
     heat_map(s.keep.float(), s.queries, s.keys, "3a. the mask: 1 = may look, 0 = hidden", paths["mask"], 0, 1, "Greys")
     heat_map(s.masked, s.queries, s.keys, "3b. scores after the mask (hidden = -inf, grey)", paths["masked"],
              cmap="RdBu_r")
@@ -105,7 +106,8 @@ def write_page(out: Path, heads: list[AttentionSteps], head: int, labels, drops,
             ["switched off", "mean drop in log P(reference)"], [[labels[i], float(drops[i].mean())] for i in worst])),
     ]
     body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
-    write_text(out / "explain.html", f"""<!doctype html><html><head><meta charset="utf-8"><title>attention, step by step</title>
+    write_text(out / "explain.html", f"""<!doctype html><html><head><meta charset="utf-8">
+<title>attention, step by step</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}img{{max-width:100%}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style></head><body>
 <h1>Attention, step by step: {html.escape(s.kind)}, layer {s.layer}, head {s.head}</h1>{body}</body></html>

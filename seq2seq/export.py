@@ -141,11 +141,13 @@ def marian_state_dict(model) -> dict:
              "final_logits_bias": torch.zeros(1, model.cfg.vocab_size)}
     for i, layer in enumerate(model.encoder_layers):
         p = f"model.encoder.layers.{i}"
-        state |= attention(f"{p}.self_attn", layer.self_attn) | norm(f"{p}.self_attn_layer_norm", layer.sublayers[0].norm)
+        state |= attention(f"{p}.self_attn", layer.self_attn)
+        state |= norm(f"{p}.self_attn_layer_norm", layer.sublayers[0].norm)
         state |= ffn(p, layer.ffn) | norm(f"{p}.final_layer_norm", layer.sublayers[1].norm)
     for i, layer in enumerate(model.decoder_layers):
         p = f"model.decoder.layers.{i}"
-        state |= attention(f"{p}.self_attn", layer.self_attn) | norm(f"{p}.self_attn_layer_norm", layer.sublayers[0].norm)
+        state |= attention(f"{p}.self_attn", layer.self_attn)
+        state |= norm(f"{p}.self_attn_layer_norm", layer.sublayers[0].norm)
         state |= attention(f"{p}.encoder_attn", layer.cross_attn)
         state |= norm(f"{p}.encoder_attn_layer_norm", layer.sublayers[1].norm)
         state |= ffn(p, layer.ffn) | norm(f"{p}.final_layer_norm", layer.sublayers[2].norm)
@@ -206,7 +208,8 @@ def export(cfg) -> None:
     if Path(str(cfg.output)).exists() and any(Path(str(cfg.output)).iterdir()):
         raise Seq2SeqError(f"{cfg.output}: exists and is not empty; choose a new directory")
     if cfg.format == "ctranslate2":
-        write, package, what = export_ctranslate2, "ctranslate2", "CTranslate2 model (model.bin, vocabularies), spm.model"
+        write, package = export_ctranslate2, "ctranslate2"
+        what = "CTranslate2 model (model.bin, vocabularies), spm.model"
     else:
         write, package, what = export_huggingface, "transformers", "MarianMTModel with its MarianTokenizer files"
     try:

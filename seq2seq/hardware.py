@@ -207,7 +207,8 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
         raise Seq2SeqError(f"precision=int8: torch {torch.__version__} has no quantized CPU kernels "
                            "(torch.ops.quantized), and torch._int_mm needs a CPU with VNNI; use auto or 32")
     if name == "16" and device == "cpu":
-        raise Seq2SeqError("precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); use auto, 32 or bf16")
+        raise Seq2SeqError("precision=16 needs a CUDA GPU (float16 on a CPU is emulated and slow); "
+                           "use auto, 32 or bf16")
     if name != "auto":
         if name == "bf16" and device == "cpu" and not machine.cpu_native_bf16:
             return name, (f"as asked, though this CPU has no native bf16 ({machine.cpu_isa}): "

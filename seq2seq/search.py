@@ -237,7 +237,8 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         next_token = token.gather(1, pick)  # (B, K)
         if not all(searching):  # drop sentences with K finished hypotheses: later steps skip their rows
             keep = torch.tensor([b for b, more in enumerate(searching) if more], device=src.device)
-            alive, scores, order, next_token, limit = alive[keep], scores[keep], order[keep], next_token[keep], limit[keep]
+            alive, scores, order, limit = alive[keep], scores[keep], order[keep], limit[keep]
+            next_token = next_token[keep]
             prefix = prefix[keep] if prefix is not None else None
             memory, src_pad_mask = memory[keep], src_pad_mask[keep] if src_pad_mask is not None else None
             drop_sentences(cache, keep)

@@ -261,7 +261,8 @@ class CTranslate2Translator(Translator):
             [self.tokenizer.pieces(ids[i]) + ["</s>"] for i in todo], max_batch_size=search.max_tokens,
             batch_type="tokens", beam_size=1 if search.sample else search.beam_size, num_hypotheses=search.nbest,
             return_scores=scores, min_decoding_length=search.min_len,
-            max_decoding_length=min(int(search.max_len_a * longest + search.max_len_b), self.max_len - 1),  # eos not counted
+            # eos not counted
+            max_decoding_length=min(int(search.max_len_a * longest + search.max_len_b), self.max_len - 1),
             sampling_topk=(search.top_k or 0) if search.sample else 1, sampling_topp=search.top_p,
             sampling_temperature=search.temperature,
             target_prefix=[self.tokenizer.pieces(forced[i]) for i in todo] if forced else None)
@@ -279,7 +280,8 @@ def load_translator(backend: str, ckpt: str | list[str], device: str) -> Transla
     if backend == "torch":
         return Translator.from_checkpoint(ckpt, device=device)
     if isinstance(ckpt, list):
-        raise Seq2SeqError("backend=ctranslate2 takes one exported directory; an ensemble (ckpt=[...]) needs backend=torch")
+        raise Seq2SeqError("backend=ctranslate2 takes one exported directory; "
+                           "an ensemble (ckpt=[...]) needs backend=torch")
     try:
         return CTranslate2Translator(ckpt, device=device)
     except ImportError:

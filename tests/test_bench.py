@@ -60,7 +60,8 @@ def test_the_gpu_check_script_runs_every_step_in_its_cpu_rehearsal(tmp_path):
 
 def test_batch_size_bench_prints_every_batch_size_at_every_precision(smoke_run, tmp_path):
     (tmp_path / "test.en").write_text("a cat .\nthe dog sat .\ntea .\nhe runs .\nshe is here .\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "bench/batch_size.py", "--ckpt", str(smoke_run / "checkpoints" / "best.ckpt"),
+    ckpt = str(smoke_run / "checkpoints" / "best.ckpt")
+    proc = subprocess.run([sys.executable, "bench/batch_size.py", "--ckpt", ckpt,
                            "--data-url", str(tmp_path), "--lines", "5", "--largest", "4", "--beam-size", "3",
                            "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -50,7 +50,8 @@ def test_heads_must_divide_d_model(tmp_path):
     ("model.dropout=1.5", ["error: bad model config: model.dropout=1.5 must be in [0, 1)"]),
     ("model=huge", ["model/huge", "base small tiny"]),
     ("optim.lr=[", ["'['"]),
-    ("data.max_tokens=50", ["error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"]),
+    ("data.max_tokens=50",
+     ["error: bad data config: data.max_tokens=50 is smaller than one sentence of data.max_len=64"]),
     ("model.max_len=64", ["error: model.max_len=64 must exceed data.max_len=64"]),
     ("patience=abc", ["error: patience='abc': expected int"]),
     ("keep_last=-1", ["error: bad run config: keep_last=-1 must not be negative"]),
@@ -70,7 +71,8 @@ def test_bad_config_on_the_command_line_is_one_line_before_any_work(override, na
 def test_a_gpu_the_machine_lacks_is_one_line(tmp_path):
     """trainer=gpu without a CUDA GPU, or more GPUs than there are: Lightning would stop with a traceback."""
     proc = run_py("train", "experiment=smoke", "trainer=gpu", "trainer.devices=99", f"hydra.run.dir={tmp_path}/run")
-    expected = (f"error: trainer.devices=99: only {torch.cuda.device_count()} CUDA GPU(s) here" if torch.cuda.is_available()
+    gpus = torch.cuda.device_count()
+    expected = (f"error: trainer.devices=99: only {gpus} CUDA GPU(s) here" if torch.cuda.is_available()
                 else f"error: trainer.accelerator=gpu: this machine has no CUDA GPU that torch {torch.__version__} "
                      "can use; use trainer=auto or trainer=cpu")
     assert proc.returncode == 1 and proc.stderr.strip() == expected
@@ -91,7 +93,8 @@ def test_missing_mandatory_value_is_one_line(tmp_path):
     ("translate", "beam_size=abc", "error: beam_size='abc': expected int"),
     ("translate", "nbest=9", "error: bad search config: nbest=9 exceeds beam_size=5"),
     ("evaluate", "alpha=-1", "error: bad search config: alpha=-1 must not be negative"),
-    ("visualize", "precision=fp16", "error: bad search config: precision=fp16: expected one of auto, 32, bf16, 16, int8"),
+    ("visualize", "precision=fp16",
+     "error: bad search config: precision=fp16: expected one of auto, 32, bf16, 16, int8"),
     ("visualize", "format=txt", "error: format='txt': expected one of files, text"),
     ("translate", "split=maybe", "error: split='maybe': expected true or false"),
 ])

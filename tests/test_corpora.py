@@ -175,7 +175,8 @@ def test_run_py_reports_a_bad_corpus_in_one_line(tmp_path):
                            f"data_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *paths],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/t.ja:2: invalid UTF-8 (invalid start byte at byte 0)"
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path}/t.ja:2: invalid UTF-8 (invalid start byte at byte 0)"
     assert "Traceback" not in proc.stderr
 
 
@@ -301,7 +302,8 @@ def test_combined_corpus_makes_pretokenized_parts_raw_and_trains_on_no_dev_or_te
     cfg = data_cfg("combined", tmp_path / "combined", parts={"raw": raw, "tok": tok})
     files = corpus_files(cfg)
     read = lambda path: path.read_text(encoding="utf-8").splitlines()  # noqa: E731
-    assert read(files["train"][0]) == ["Tom likes tea.", "Tom likes coffee.", "She runs."]  # "Tom is here." is tok's test
+    # "Tom is here." is tok's test
+    assert read(files["train"][0]) == ["Tom likes tea.", "Tom likes coffee.", "She runs."]
     assert read(files["train"][1]) == ["トムはお茶が好きだ。", "トムはコーヒーが好きだ。", "彼女は走る。"]
     assert read(files["valid"][0]) == ["I like tea."] and read(files["test"][1]) == ["行け。"]
     assert corpus_files(cfg) == files  # the second time: from the stamp, nothing rewritten

@@ -149,7 +149,8 @@ def test_a_bad_training_line_stops_the_preparation_and_leaves_no_half_built_cach
     files = {f"{split}_{side}": str(tmp_path / f"{split}.{lang}") for split in ("train", "valid", "test")
              for side, lang in (("src", "en"), ("tgt", "ja"))}
     cfg = DataConfig(corpus="files", dir=str(tmp_path), src_lang="en", tgt_lang="ja", pretokenized=True,
-                     normalize=False, vocab_size=100, max_len=64, max_tokens=1024, num_workers=0, prepare_workers=1, dedup=True,
+                     normalize=False, vocab_size=100, max_len=64, max_tokens=1024, num_workers=0, prepare_workers=1,
+                     dedup=True,
                      segmentation="corpus", tokenizer_sample=1000, **files)
     with pytest.raises(Seq2SeqError, match=r"train\.ja:2: invalid UTF-8"):
         TranslationDataModule(cfg, tmp_path / "cache", seed=0).setup()

@@ -74,4 +74,5 @@ def test_translate_with_an_ensemble_of_checkpoints(smoke_run, tmp_path, data_dir
     assert proc.returncode == 1
     assert f"{tmp_path}/foreign.ckpt: its tokenizer differs from {best}'s" in proc.stderr
     proc = run_py("visualize", f"ckpt=[{best},{last}]", "text=hello")
-    assert proc.returncode == 1 and "expected one checkpoint (only translate, evaluate and serve take a list)" in proc.stderr
+    assert proc.returncode == 1
+    assert "expected one checkpoint (only translate, evaluate and serve take a list)" in proc.stderr

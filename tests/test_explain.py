@@ -5,8 +5,8 @@ import subprocess
 import pytest
 import torch
 
-from seq2seq.explain import (KINDS, attention_module, attention_profiles, attention_steps, head_importance, switched_off,
-                             top_predictions)
+from seq2seq.explain import (KINDS, attention_module, attention_profiles, attention_steps, head_importance,
+                             switched_off, top_predictions)
 
 SRC, TGT = [5, 9, 12, 7, 30], [8, 11, 6, 40]
 
@@ -131,7 +131,8 @@ def test_cli_writes_one_self_contained_page(smoke_run, tmp_path):
     assert "decoder, layer 0, head 1" in page and page.count("data:image/png;base64,") >= 8 and "http" not in page
     assert {"scores.png", "mask.png", "weights.png", "importance.png"} <= {p.name for p in (tmp_path / "ex").iterdir()}
     proc = run_py("explain", ckpt, "text=hello", "layer=7", f"output={tmp_path}/ex2")
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: layer=7: this model's cross")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: layer=7: this model's cross")
 
 
 @pytest.mark.slow

@@ -181,7 +181,8 @@ def test_isa_caps_name_the_variables_set(monkeypatch):
 def test_bf16_emulated_under_a_onednn_cap_is_measured_slower_than_fp32():
     """The measurement itself, in a process whose oneDNN may use AVX2 only: bf16 is emulated there."""
     result = subprocess.run([sys.executable, "-c", "from seq2seq.hardware import bf16_matmul_speedup as s; print(s())"],
-                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, check=True)
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True,
+                            check=True)
     assert float(result.stdout) < 0.5
 
 

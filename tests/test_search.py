@@ -135,8 +135,8 @@ def test_a_batch_without_padding_is_decoded_without_a_mask_to_the_same_output(ti
             assert search_batch(tiny_model, rows, search) == out
 
 
-@pytest.mark.parametrize("settings", [dict(alpha=0.0), dict(alpha=1.2), dict(min_len=4), dict(max_len_a=0.5, max_len_b=2),
-                                      dict(prefix=True)])
+@pytest.mark.parametrize("settings", [dict(alpha=0.0), dict(alpha=1.2), dict(min_len=4),
+                                      dict(max_len_a=0.5, max_len_b=2), dict(prefix=True)])
 def test_greedy_search_finds_what_one_beam_finds_with_its_score(tiny_model, settings, monkeypatch):
     """Translation's beam_size=1 runs greedy_search (no beams to rank): the same tokens and the same log P / lp
     as beam search with one beam, under the length penalty, min_len, the length limit and a forced prefix."""
@@ -349,8 +349,9 @@ def test_the_next_tokens_are_the_same_in_blocks_of_rows_as_all_at_once(tiny_mode
     must_end = torch.rand(N) < 0.1
     forced = torch.where((torch.rand(N) < 0.1) & ~must_end, torch.randint(4, 40, (N,)), -1)
     with torch.no_grad():
-        blocks = top_next_tokens(tiny_model, h, 6, eos_allowed=False, must_end=must_end, forced=forced, rows_per_chunk=64)
-        whole = top_next_tokens(tiny_model, h, 6, eos_allowed=False, must_end=must_end, forced=forced, rows_per_chunk=N)
+        rules = dict(eos_allowed=False, must_end=must_end, forced=forced)
+        blocks = top_next_tokens(tiny_model, h, 6, rows_per_chunk=64, **rules)
+        whole = top_next_tokens(tiny_model, h, 6, rows_per_chunk=N, **rules)
     assert torch.equal(blocks[1], whole[1]) and torch.allclose(blocks[0], whole[0])
     assert (blocks[1][must_end, 0] == EOS_ID).all() and (blocks[1][forced >= 0, 0] == forced[forced >= 0]).all()
 

@@ -109,7 +109,8 @@ def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     def ask(name, body):
         answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
 
-    requests = {"plain": {"q": ["a", "b"]}, "one": {"q": "c", "prefix": "私は"}, "list": {"q": ["d", "e"], "prefix": ["", "x "]}}
+    requests = {"plain": {"q": ["a", "b"]}, "one": {"q": "c", "prefix": "私は"},
+                "list": {"q": ["d", "e"], "prefix": ["", "x "]}}
     with http:
         threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
         for thread in threads:
@@ -143,8 +144,10 @@ def test_a_sampling_service_takes_a_prefix_too():
     ({"q": ["a"] * 4, "source": "en", "target": "ja"}, 400, "q: 4 texts exceed the limit of 3 per request"),
     ({"q": "hi", "source": "en", "target": "ja", "alternatives": -1}, 400, "alternatives"),
     ({"q": "hi", "source": "en", "target": "ja", "format": "html"}, 400, "format='html': only text"),
-    ({"q": ["a", "b"], "source": "en", "target": "ja", "prefix": ["x"]}, 400, "prefix: give one per text, shaped like q (a list of 2)"),
-    ({"q": "a", "source": "en", "target": "ja", "prefix": ["x"]}, 400, "prefix: give one per text, shaped like q (a text)"),
+    ({"q": ["a", "b"], "source": "en", "target": "ja", "prefix": ["x"]}, 400,
+     "prefix: give one per text, shaped like q (a list of 2)"),
+    ({"q": "a", "source": "en", "target": "ja", "prefix": ["x"]}, 400,
+     "prefix: give one per text, shaped like q (a text)"),
     ({"q": "a", "source": "en", "target": "ja", "prefix": "x" * 51}, 400, "prefix[0]: 51 characters exceed"),
     ({"q": "a", "source": "en", "target": "ja", "prefix": 7}, 400, "prefix"),
 ])
@@ -196,7 +199,8 @@ def test_the_same_answer_as_translate(smoke_run):
         forced = http.post("/translate", json={"q": lines, "source": "en", "target": "ja",
                                                "prefix": ["猫", "", ""]}).json()
     assert answer["translatedText"] == translator.translate(lines, search)
-    assert forced["translatedText"] == [h[0][0] for h in translator.translate_nbest(lines, search, prefixes=["猫", "", ""])]
+    nbest = translator.translate_nbest(lines, search, prefixes=["猫", "", ""])
+    assert forced["translatedText"] == [hyps[0][0] for hyps in nbest]
     assert forced["translatedText"][0].startswith("猫") and forced["translatedText"][1:] == answer["translatedText"][1:]
 
 
@@ -204,7 +208,8 @@ def test_the_same_answer_as_translate(smoke_run):
 def test_sigterm_answers_what_was_accepted_then_exits(smoke_run):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "run.py", "serve", f"ckpt={smoke_run}/checkpoints/best.ckpt",
-                             f"port={port}", "batch_ms=1500", "batch_max_ms=1500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             f"port={port}", "batch_ms=1500", "batch_max_ms=1500"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # the event: the service answers /health

@@ -83,7 +83,8 @@ def test_a_model_trained_on_raw_text_gets_the_text_as_it_is():
 
 
 def test_a_target_sentence_is_prepared_in_the_target_language():
-    assert translator_for(pretokenized=True).prepare(["私はお茶が好きです。"], side="tgt") == ["私 は お茶 が 好き です 。"]
+    prepared = translator_for(pretokenized=True).prepare(["私はお茶が好きです。"], side="tgt")
+    assert prepared == ["私 は お茶 が 好き です 。"]
 
 
 def test_evaluate_scores_with_the_tokenizer_that_matches_the_references():
@@ -103,7 +104,8 @@ def test_sentences_are_split_and_rejoined():
 
     assert split_sentences("Mr. Smith paid $3.50 for tea! Did he like it? Yes.", "en") == [
         "Mr. Smith paid $3.50 for tea!", "Did he like it?", "Yes."]
-    assert split_sentences("私はお茶が好きです。「本当に？」と彼は言った。", "ja") == ["私はお茶が好きです。", "「本当に？」と彼は言った。"]
+    assert split_sentences("私はお茶が好きです。「本当に？」と彼は言った。", "ja") == \
+        ["私はお茶が好きです。", "「本当に？」と彼は言った。"]
     assert split_sentences("  ", "en") == []
     assert join_sentences(["私は学生です。", "はい。"], "ja") == "私は学生です。はい。"
     assert join_sentences(["I am a student.", "Yes."], "en") == "I am a student. Yes."

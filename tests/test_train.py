@@ -431,7 +431,8 @@ def test_linear_decay_without_an_end_is_a_config_error(tmp_path, data_dir):
 def test_under_a_time_budget_an_epoch_limit_that_comes_first_ends_the_linear_decay(tmp_path, data_dir):
     """A real run: 3 epochs of the demo corpus end it long before its 60 s would; the learning rate reaches zero
     at that last step, as logged at each validation, not at the step the time would have bought."""
-    proc = run_py("train", "experiment=smoke", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path}", "trainer.max_steps=-1",
+    proc = run_py("train", "experiment=smoke", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path}",
+                  "trainer.max_steps=-1",
                   "trainer.max_time=00:00:01:00", "trainer.max_epochs=3", "optim.decay=linear",
                   "trainer.val_check_interval=40", "trainer.enable_progress_bar=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -440,7 +441,8 @@ def test_under_a_time_budget_an_epoch_limit_that_comes_first_ends_the_linear_dec
             if "the learning rate reaches zero at step" in line]
     assert len(ends) >= 3 and set(ends) == {last_step}, (ends, last_step)
     with open(next((tmp_path / "csv").glob("*/metrics.csv"))) as f:
-        step, lr = [(int(row["step"]), float(row["lr-AdamW/pg1"])) for row in csv.DictReader(f) if row["lr-AdamW/pg1"]][-1]
+        logged = [(int(row["step"]), float(row["lr-AdamW/pg1"])) for row in csv.DictReader(f) if row["lr-AdamW/pg1"]]
+    step, lr = logged[-1]
     warmup, peak = 100, 3e-3  # experiment=smoke's
     assert lr == pytest.approx(peak * (last_step - step) / (last_step - warmup), abs=0.02 * peak)  # a line to zero
 

@@ -153,7 +153,8 @@ def fuzz_translator(smoke_run):
 
 LINE = st.one_of(
     st.text(max_size=60),
-    st.text(alphabet=st.sampled_from(list("\u200b\u200d\ufeff\x00\x07\x1b\t \u3000😀👍🏽漢字かなカナabc<>/")), max_size=40),
+    st.text(alphabet=st.sampled_from(list("\u200b\u200d\ufeff\x00\x07\x1b\t \u3000😀👍🏽漢字かなカナabc<>/")),
+            max_size=40),
     st.sampled_from(["", " ", "</s>", "<unk>", "<s>", "<pad>", "▁", "\u2028", "\x1c", "a" * 3000]),
 )
 
@@ -180,10 +181,12 @@ def test_translate_output_that_cannot_be_written_is_one_line_and_the_input_is_un
 
     proc = run_py("translate", ckpt, f"input={source}", f"output={tmp_path}/a_file/out.ja")  # caught up front
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: {tmp_path}/a_file/out.ja: cannot write ({tmp_path}/a_file is not a directory)"
+    assert proc.stderr.strip() == \
+        f"error: {tmp_path}/a_file/out.ja: cannot write ({tmp_path}/a_file is not a directory)"
 
     proc = run_limited(["translate", ckpt, f"input={source}", f"output={tmp_path}/out.ja", "progress=false"], 10)
-    assert proc.returncode == 1 and messages(proc.stderr) == [f"error: {tmp_path}/out.ja: cannot write (File too large)"]
+    assert proc.returncode == 1
+    assert messages(proc.stderr) == [f"error: {tmp_path}/out.ja: cannot write (File too large)"]
     assert not (tmp_path / "out.ja").exists() and not (tmp_path / ".out.ja.tmp").exists()  # nothing half-written
 
     with open("/dev/full", "w") as full:
