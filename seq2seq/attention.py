@@ -128,11 +128,16 @@ class MultiHeadAttention(nn.Module):
         With a `cache` (incremental decoding), x holds only the new positions: their keys and values
         are appended to the cached ones (B, H, S_past, d_head), so earlier positions are never projected again.
         """
-        query = self.split_heads(self.q_proj(x))  # (B, H, T, d_head)
-        key, value = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # keys and values from x too
+        query, key, value = self.project_qkv(x)  # (B, H, T, d_head) each
         if cache is not None:
             key, value = cache.append(key, value)  # (B, H, S_past + T, d_head)
         return self.out_proj(self.merge_heads(self.attend(query, key, value, key_pad_mask, causal)))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of self-attention, all from x (B, T, D): (B, H, T, d_head) each."""
+        query = self.split_heads(self.q_proj(x))
+        key, value = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # keys and values from x too
+        return query, key, value
 
     def cross_attention(self, x: torch.Tensor, memory: torch.Tensor, memory_pad_mask: torch.Tensor | None,
                         cache: dict | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from seq2seq import Seq2SeqError
 from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_kernels, fit_threads_to_cpu_budget,
                               precision_name, resolve_device, rows_per_block, share_cpu_budget,
                               training_accelerator, training_precision)
-from seq2seq.int8 import Int8Linear, Int8Transformer, int8_kernel, int_mm_exact
+from seq2seq.int8 import Int8Linear, Int8SelfAttention, Int8Transformer, int8_kernel, int_mm_exact
 from seq2seq.model import Transformer
 from seq2seq.search import SearchConfig, beam_search
 from seq2seq.translator import Translator
@@ -271,6 +271,27 @@ def test_int8_model_is_close_to_fp32(tiny_model, kernel, monkeypatch):
     assert (ref - low).abs().max() < 0.05 * ref.abs().max()
     assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in int8.modules())
     assert tiny_model.encoder_layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the original untouched
+
+
+@pytest.mark.parametrize("kernel", ["fixed", "int_mm"])
+def test_int8_self_attention_is_one_stacked_product_with_the_outputs_of_separate_ones(tiny_model, kernel,
+                                                                                    monkeypatch):
+    use_kernel(kernel, monkeypatch)
+    int8 = Int8Transformer(tiny_model)
+    for layer in [*int8.encoder_layers, *int8.decoder_layers]:
+        assert isinstance(layer.self_attn, Int8SelfAttention) and not hasattr(layer.self_attn, "q_proj")
+        assert layer.self_attn.qkv_proj.out_features == 3 * tiny_model.cfg.d_model
+    for layer in int8.decoder_layers:
+        assert not isinstance(layer.cross_attn, Int8SelfAttention)  # its keys and values come from the memory
+    float_attn = tiny_model.decoder_layers[0].self_attn
+    q_proj, kv_proj = Int8Linear(float_attn.q_proj), Int8Linear(float_attn.kv_proj)  # the products kept apart
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, tiny_model.cfg.d_model) * torch.logspace(-2, 2, 3)[:, None, None]
+    with torch.no_grad():
+        stacked = int8.decoder_layers[0].self_attn.project_qkv(x)
+        separate = (float_attn.split_heads(q_proj(x)), *(float_attn.split_heads(t) for t in kv_proj(x).chunk(2, -1)))
+    for a, b in zip(stacked, separate):
+        assert torch.equal(a, b)
 
 
 # fbgemm's fixed-scale kernel; the anchored dynamic one (qnnpack on ARM, an older torch); torch._int_mm (a torch
