@@ -56,3 +56,25 @@ def test_no_gradient_work_without_grad():
     with torch.no_grad():
         loss = projection_cross_entropy(h, weight, torch.tensor([0, 1, 2, 3, 4]))
     torch.testing.assert_close(loss, F.cross_entropy(h @ weight.t(), torch.tensor([0, 1, 2, 3, 4])))
+
+
+def test_logits_far_apart_stay_finite():
+    """Logits hundreds apart: the probability of a far-off target underflows to 0 in fp32, so the loss must not
+    be taken from it (log 0); log sum exp comes from the top logit's probability, which is at least 1 / V."""
+    torch.manual_seed(0)
+    h, weight = 40 * torch.randn(30, 8), torch.randn(20, 8)
+    target = (h @ weight.t()).argmin(dim=1)  # the least probable token of each row: p far below 1e-38
+    ref = F.cross_entropy(h @ weight.t(), target, label_smoothing=0.1)
+    out = projection_cross_entropy(h, weight, target, 0.1, chunk_rows=7)
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out, ref)
+
+
+def test_flop_counter_sees_every_matmul():
+    """bench/train.py reports the share of the matmul peak from torch's FLOP counter: the loss's three products
+    (logits, the gradient of h, the gradient of W) must all be counted, the in-place sum over chunks included."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h, weight = torch.randn(60, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        projection_cross_entropy(h, weight, torch.randint(0, 50, (60,)), 0.1, chunk_rows=16).backward()
+    assert counter.get_total_flops() == 3 * 2 * 60 * 8 * 50
