@@ -1,6 +1,9 @@
 """The benches run to their last lines, the verdicts (slow: they start processes, train and decode). A bench
 that dies after printing its table hides that its verdict is missing; bench/machine_class.py runs
-`experiment=smoke`, bench/train.py and bench/decode.py and reads every verdict line of theirs."""
+`experiment=smoke`, bench/train.py and bench/decode.py and reads every verdict line of theirs. bench/ab.py's swap
+of a function between a git revision and the working tree is checked in-process (fast)."""
+import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -76,3 +79,71 @@ def test_batch_size_bench_prints_every_batch_size_at_every_precision(smoke_run, 
     for *_, cells in rows:
         values = cells.strip(" |").split(" | ")
         assert len(values) == 2 * n_precisions - 1 and all(float(v.rstrip("x")) > 0 for v in values)
+
+
+def load_ab():
+    spec = importlib.util.spec_from_file_location("bench_ab", ROOT / "bench" / "ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_swaps_the_function_everywhere_seq2seq_looks_it_up():
+    """bench/ab.py times a git revision's version of a function against the working tree's: the swap must reach
+    the modules that imported the function by name, keep a staticmethod a staticmethod, and put B back."""
+    import seq2seq.loss
+    import seq2seq.search
+    import seq2seq.translator
+
+    ab = load_ab()
+    live = seq2seq.search.search_batch
+    impl = ab.swapper("seq2seq.search:search_batch", "HEAD")
+    impl("A")
+    try:
+        assert seq2seq.search.search_batch is not live and seq2seq.translator.search_batch is not live
+        assert seq2seq.translator.search_batch.__code__.co_filename == "HEAD:seq2seq/search.py"
+    finally:
+        impl("B")
+    assert seq2seq.search.search_batch is live and seq2seq.translator.search_batch is live
+
+    cls = seq2seq.loss.FusedProjectionCrossEntropy
+    impl = ab.swapper("seq2seq.loss:FusedProjectionCrossEntropy.forward", "HEAD")
+    impl("A")
+    try:
+        swapped = inspect.getattr_static(cls, "forward")
+        assert isinstance(swapped, staticmethod) and swapped.__func__.__code__.co_filename == "HEAD:seq2seq/loss.py"
+    finally:
+        impl("B")
+    assert inspect.getattr_static(cls, "forward").__func__.__code__.co_filename.endswith("seq2seq/loss.py")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("seq2seq.search", "expected MODULE:FUNCTION"),
+    ("seq2seq.search:no_such_function", "seq2seq.search has no no_such_function"),
+    ("seq2seq.no_such_module:f", "No module named 'seq2seq.no_such_module'"),
+])
+def test_ab_names_what_it_cannot_compare(target, message):
+    ab = load_ab()
+    with pytest.raises(ab.ABError, match=re.escape(message)):
+        ab.swapper(target, "HEAD")
+    with pytest.raises(ab.ABError, match="no_such_revision"):
+        ab.swapper("seq2seq.search:search_batch", "no_such_revision")
+
+
+def test_ab_decodes_and_trains_in_alternating_rounds(smoke_run, tmp_path, data_dir):
+    (tmp_path / "test.en").write_text("a cat .\nthe dog sat .\ntea .\nhe runs .\nshe is here .\n", encoding="utf-8")
+    ckpt = str(smoke_run / "checkpoints" / "best.ckpt")
+    runs = {"decode": ["--task", "decode", "--ckpt", ckpt, "--src", str(tmp_path / "test.en"), "--beam-size", "3"],
+            "train": ["--task", "train", "--data", "demo", "--data-dir", str(data_dir), "--model", "tiny",
+                      "--steps", "2"]}
+    for task, args in runs.items():
+        proc = subprocess.run([sys.executable, "bench/ab.py", "seq2seq.search:top_next_tokens" if task == "decode"
+                               else "seq2seq.loss:FusedProjectionCrossEntropy.forward", *args, "--rounds", "2"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        out = proc.stdout
+        assert out.startswith("machine: CPU")
+        assert re.search(r"\nA/B time per round: [\d.]+ [\d.]+\n", out), out
+        assert re.search(r"\nB is [\d.]+x as fast as A \(median; range [\d.]+-[\d.]+\)\n", out), out
+        if task == "decode":  # the same code on both sides: the same translations
+            assert out.endswith("\nsame translation on 5 of 5 lines, scores at most 0.0e+00 apart\n"), out

@@ -1,0 +1,181 @@
+"""In-process A/B: one function of seq2seq as a git revision has it (A) against the working tree (B), timed on a
+training step or a decoding pass, in alternating rounds inside one process, and given as ratios.
+
+On a shared or virtual machine two runs of the same code differ by 5-15% (docs/benchmarks.md), more than most
+changes gain. In one process, with A and B swapped in turn on the same model, data and warm caches, the
+machine's drift lands on both: the median of the per-round ratios, and their range, say whether a change pays.
+
+    python bench/ab.py seq2seq.loss:FusedProjectionCrossEntropy.forward --task train --data-url DIR [--rev HEAD]
+    python bench/ab.py seq2seq.search:top_next_tokens --task decode --ckpt CKPT --src FILE [--beam-size 5]
+
+The function is swapped where seq2seq looks it up: on its class or module, and in every seq2seq module that
+imported it by name. A ratio above 1 means the working tree is faster. Decoding also says on how many lines
+A and B wrote the same translation, and how far apart their scores came.
+"""
+import argparse
+import importlib
+import inspect
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import train as train_bench  # noqa: E402  (bench/train.py: its batches, model and optimizer step)
+
+from seq2seq.hardware import machine_report, this_machine  # noqa: E402
+
+
+class ABError(Exception):
+    """A target or revision that cannot be compared: one line for the user."""
+
+
+def module_at_revision(module_name: str, rev: str) -> types.ModuleType:
+    """The module's source as `rev` has it, run as a module of its own; its imports are the working tree's."""
+    path = module_name.replace(".", "/") + ".py"
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode:
+        raise ABError(f"{rev}:{path}: {shown.stderr.strip() or 'not in git'}")
+    module = types.ModuleType(f"{module_name}@{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up here
+    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def owner_and_name(module: types.ModuleType, qualname: str) -> tuple[object, str]:
+    """The class or module that holds `qualname` ("f" or "Class.method"), and the attribute's name."""
+    *outer, name = qualname.split(".")
+    owner = module
+    for part in outer:
+        owner = getattr(owner, part, None)
+    if owner is None or name not in vars(owner):
+        raise ABError(f"{module.__name__} has no {qualname}")
+    return owner, name
+
+
+def swapper(target: str, rev: str):
+    """A function impl("A" | "B") that puts that version of `target` ("module:qualname") in place."""
+    module_name, _, qualname = target.partition(":")
+    if not qualname:
+        raise ABError(f"{target}: expected MODULE:FUNCTION, e.g. seq2seq.search:top_next_tokens")
+    try:
+        live = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ABError(f"{target}: {e}") from None
+    owner, name = owner_and_name(live, qualname)
+    old_owner, _ = owner_and_name(module_at_revision(module_name, rev), qualname)
+    versions = {"A": inspect.getattr_static(old_owner, name), "B": vars(owner)[name]}  # staticmethod kept as such
+    # modules that did `from module import name` hold the same object under the same name
+    holders = [owner] + ([m for m in list(sys.modules.values()) if m is not owner and m is not None and
+                          m.__name__.startswith("seq2seq") and vars(m).get(name) is versions["B"]]
+                         if isinstance(owner, types.ModuleType) else [])
+
+    def impl(which: str) -> None:
+        for holder in holders:
+            setattr(holder, name, versions[which])
+    return impl
+
+
+def train_pass(args):
+    """A callable that runs `args.steps` training steps and returns (seconds, None), and the tokens it trains."""
+    torch.manual_seed(0)
+    cfg, tokenizer, warmup, batches = train_bench.load_batches(args)
+    model, loss_fn, optimizer = train_bench.ours(cfg, tokenizer, args.device)
+    train_bench.train_steps(model, loss_fn, optimizer, warmup, False, args.device)
+    tokens = sum(b["n_tokens"] for b in batches)
+    return lambda: (train_bench.train_steps(model, loss_fn, optimizer, batches, False, args.device), None), tokens
+
+
+def decode_pass(args):
+    """A callable that translates `--src` and returns (seconds, the nbest lists), and the line count."""
+    from seq2seq.translator import Translator
+
+    translator = Translator.from_checkpoint(args.ckpt, device=args.device)
+    lines = Path(args.src).read_text(encoding="utf-8").splitlines()[:args.lines]
+    settings = dict(beam_size=args.beam_size, max_tokens=args.batch_tokens, precision=args.precision,
+                    pretokenized=args.pretokenized)
+    translator.translate(lines[:20], **settings)  # warm-up
+
+    def run():
+        start = time.perf_counter()
+        out = translator.translate_nbest(lines, **settings)
+        return time.perf_counter() - start, out
+    return run, len(lines)
+
+
+def same_output(a: list, b: list) -> str:
+    same = sum(x[0][0] == y[0][0] for x, y in zip(a, b))
+    score_gap = max((abs(x[0][1] - y[0][1]) for x, y in zip(a, b)), default=0.0)
+    return f"same translation on {same} of {len(a)} lines, scores at most {score_gap:.1e} apart"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", help="MODULE:FUNCTION, e.g. seq2seq.search:top_next_tokens")
+    parser.add_argument("--rev", default="HEAD", help="the git revision of A (default HEAD); B is the working tree")
+    parser.add_argument("--task", choices=["train", "decode"], required=True)
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (A then B, then B then A, ...)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    train = parser.add_argument_group("--task train (bench/train.py's batches and step)")
+    train.add_argument("--data", choices=["small_enja", "demo"], default="small_enja")
+    train.add_argument("--data-url", default="../shared/data/small_parallel_enja")
+    train.add_argument("--data-dir", default="data")
+    train.add_argument("--model", default="small")
+    train.add_argument("--max-tokens", type=int, default=None, help="batch budget (default: the data preset's)")
+    train.add_argument("--steps", type=int, default=10, help="training steps per round and version")
+    decode = parser.add_argument_group("--task decode")
+    decode.add_argument("--ckpt")
+    decode.add_argument("--src", help="one sentence a line")
+    decode.add_argument("--lines", type=int, default=500, help="the first N lines of --src")
+    decode.add_argument("--pretokenized", action="store_true", help="--src is already in the corpus's form")
+    decode.add_argument("--beam-size", type=int, default=5)
+    decode.add_argument("--batch-tokens", type=int, default=4096, help="max_tokens of each decoding batch")
+    decode.add_argument("--precision", default="auto")
+    args = parser.parse_args(argv)
+    if args.task == "decode" and not (args.ckpt and args.src):
+        parser.error("--task decode needs --ckpt and --src")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: each version goes first once")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        impl = swapper(args.target, args.rev)
+    except ABError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(machine_report(this_machine(), args.device))
+    run, units = train_pass(args) if args.task == "train" else decode_pass(args)
+    unit = "tokens" if args.task == "train" else "sentences"
+    seconds, outputs = {"A": [], "B": []}, {}
+    for r in range(args.rounds):
+        for which in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            impl(which)
+            took, out = run()
+            seconds[which].append(took)
+            outputs.setdefault(which, out)
+    impl("B")
+    ratios = [a / b for a, b in zip(seconds["A"], seconds["B"])]
+    print(f"{args.target}, {args.task}, {args.rounds} alternating rounds; A = {args.rev}, B = the working tree")
+    for which in ("A", "B"):
+        print(f"{which}: {units / statistics.median(seconds[which]):.1f} {unit}/s (median), "
+              f"{units / min(seconds[which]):.1f} (best)")
+    print("A/B time per round: " + " ".join(f"{x:.3f}" for x in ratios))
+    print(f"B is {statistics.median(ratios):.3f}x as fast as A (median; range {min(ratios):.3f}-{max(ratios):.3f})")
+    if args.task == "decode":
+        print(same_output(outputs["A"], outputs["B"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
