@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train as train_bench  # noqa: E402  (bench/train.py: its batches, model and optimizer step)
 
-from seq2seq.hardware import machine_report, this_machine  # noqa: E402
+from seq2seq import Seq2SeqError  # noqa: E402
+from seq2seq.hardware import choose_precision, machine_report, this_machine  # noqa: E402
 
 
 class ABError(Exception):
@@ -86,10 +87,16 @@ def train_pass(args):
     """A callable that runs `args.steps` training steps and returns (seconds, None), and the tokens it trains."""
     torch.manual_seed(0)
     cfg, tokenizer, warmup, batches = train_bench.load_batches(args)
+    precision, why = choose_precision(args.precision, torch.device(args.device).type, training=True,
+                                      machine=this_machine(), d_model=cfg.model.d_model)
+    if precision not in ("32", "bf16"):
+        raise ABError(f"precision={args.precision}: bench/train.py's step trains in 32 or bf16 only")
+    print(f"training precision {precision}: {why}")
+    bf16 = precision == "bf16"
     model, loss_fn, optimizer = train_bench.ours(cfg, tokenizer, args.device)
-    train_bench.train_steps(model, loss_fn, optimizer, warmup, False, args.device)
+    train_bench.train_steps(model, loss_fn, optimizer, warmup, bf16, args.device)
     tokens = sum(b["n_tokens"] for b in batches)
-    return lambda: (train_bench.train_steps(model, loss_fn, optimizer, batches, False, args.device), None), tokens
+    return lambda: (train_bench.train_steps(model, loss_fn, optimizer, batches, bf16, args.device), None), tokens
 
 
 def decode_pass(args):
@@ -123,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (A then B, then B then A, ...)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", default="auto", help="auto (what the commands would pick here), 32, bf16, "
+                        "or, decoding, 16 or int8")
     train = parser.add_argument_group("--task train (bench/train.py's batches and step)")
     train.add_argument("--data", choices=["small_enja", "demo"], default="small_enja")
     train.add_argument("--data-url", default="../shared/data/small_parallel_enja")
@@ -137,7 +146,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     decode.add_argument("--pretokenized", action="store_true", help="--src is already in the corpus's form")
     decode.add_argument("--beam-size", type=int, default=5)
     decode.add_argument("--batch-tokens", type=int, default=4096, help="max_tokens of each decoding batch")
-    decode.add_argument("--precision", default="auto")
     args = parser.parse_args(argv)
     if args.task == "decode" and not (args.ckpt and args.src):
         parser.error("--task decode needs --ckpt and --src")
@@ -155,7 +163,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(machine_report(this_machine(), args.device))
-    run, units = train_pass(args) if args.task == "train" else decode_pass(args)
+    try:
+        run, units = train_pass(args) if args.task == "train" else decode_pass(args)
+    except (ABError, Seq2SeqError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     unit = "tokens" if args.task == "train" else "sentences"
     seconds, outputs = {"A": [], "B": []}, {}
     for r in range(args.rounds):

@@ -147,3 +147,5 @@ def test_ab_decodes_and_trains_in_alternating_rounds(smoke_run, tmp_path, data_d
         assert re.search(r"\nB is [\d.]+x as fast as A \(median; range [\d.]+-[\d.]+\)\n", out), out
         if task == "decode":  # the same code on both sides: the same translations
             assert out.endswith("\nsame translation on 5 of 5 lines, scores at most 0.0e+00 apart\n"), out
+        else:  # what `auto` trains model=tiny at, on any CPU, and why
+            assert "\ntraining precision 32: d_model 64 < 128" in out, out
