@@ -3,7 +3,7 @@
 `F.cross_entropy(h @ E^T, y)` materializes (N, V) logits, their fp32 copy, log-probabilities and
 a gradient of the same size: on a CPU those fresh 100 MB buffers cost more than the matmul
 (measured: half of a d_model 256 training step). Here each chunk of rows gets its logits, loss
-and logit gradient in cache-sized buffers, which are turned straight into the gradients of
+and logit gradient in one cache-sized buffer, which is turned straight into the gradients of
 h and E; nothing (N, V) is ever allocated. Same value and gradients as F.cross_entropy.
 """
 import torch
@@ -33,26 +33,18 @@ class FusedProjectionCrossEntropy(torch.autograd.Function):
                 rows = slice(start, start + chunk_rows)
                 logits = (h_c[rows] @ w_c.t()).to(acc)  # (n, V)
                 tgt = target[rows, None]  # (n, 1)
-                top, argtop = logits.max(dim=-1, keepdim=True)  # (n, 1)
-                p = torch.softmax(logits, dim=-1)  # (n, V): one pass per row, the row in cache
-                lse = top - p.gather(1, argtop).log()  # log sum exp, from p of the top logit (>= 1/V: no underflow)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
                 nll = lse - logits.gather(1, tgt)
                 smooth = lse - logits.mean(dim=-1, keepdim=True)
                 total += ((1 - eps) * nll + eps * smooth).sum()
                 if need_grad:
-                    # d loss_i / d logits = p - (1 - eps) * onehot(target) - eps / V; the constant - eps / V
-                    # is added after the loop, as two rank-1 terms. Times 1/N after the matmuls: in fp16,
-                    # values of order p / N underflow (1 / N of 1e-5 is below its smallest)
-                    grad = p.scatter_add_(1, tgt, torch.full(tgt.shape, eps - 1, dtype=p.dtype, device=p.device))
+                    # d loss_i / d logits = softmax - (1 - eps) * onehot(target) - eps / V, times 1/N after the
+                    # matmuls: in fp16, values of order p / N underflow (1 / N of 1e-5 is below its smallest)
+                    grad = logits.sub_(lse).exp_().sub_(eps / V)
+                    grad.scatter_add_(1, tgt, torch.full(tgt.shape, eps - 1, dtype=grad.dtype, device=grad.device))
                     grad = grad.to(dtype)
                     grad_h[rows] = grad @ w_c
-                    if grad_w.dtype == dtype:  # fp32: the sum over chunks inside the matmul, no (V, D) temporary
-                        torch.addmm(grad_w, grad.t(), h_c[rows], out=grad_w)  # not addmm_: FLOP counters miss it
-                    else:  # bf16 / fp16 products, summed in fp32
-                        grad_w += grad.t() @ h_c[rows]
-            if need_grad and eps:  # the - eps / V of every logit's gradient: - eps / V * sum_v w_v in each row of
-                grad_h -= eps / V * w_c.sum(dim=0, dtype=acc)  # grad_h, - eps / V * sum_i h_i in each row of grad_w
-                grad_w -= eps / V * h_c.sum(dim=0, dtype=acc)
+                    grad_w += grad.t() @ h_c[rows]
         if need_grad:
             ctx.save_for_backward(grad_h.div_(N), grad_w.div_(N))
         ctx.dtypes = (h.dtype, weight.dtype)
