@@ -103,8 +103,11 @@ def decode_pass(args):
     """A callable that translates `--src` and returns (seconds, the nbest lists), and the line count."""
     from seq2seq.translator import Translator
 
+    try:
+        lines = Path(args.src).read_text(encoding="utf-8").splitlines()[:args.lines]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ABError(f"--src {args.src}: {e}") from None
     translator = Translator.from_checkpoint(args.ckpt, device=args.device)
-    lines = Path(args.src).read_text(encoding="utf-8").splitlines()[:args.lines]
     settings = dict(beam_size=args.beam_size, max_tokens=args.batch_tokens, precision=args.precision,
                     pretokenized=args.pretokenized)
     translator.translate(lines[:20], **settings)  # warm-up
