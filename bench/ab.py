@@ -14,7 +14,6 @@ A and B wrote the same translation, and how far apart their scores came.
 """
 import argparse
 import importlib
-import inspect
 import statistics
 import subprocess
 import sys
@@ -71,11 +70,10 @@ def swapper(target: str, rev: str):
         raise ABError(f"{target}: {e}") from None
     owner, name = owner_and_name(live, qualname)
     old_owner, _ = owner_and_name(module_at_revision(module_name, rev), qualname)
-    versions = {"A": inspect.getattr_static(old_owner, name), "B": vars(owner)[name]}  # staticmethod kept as such
-    # modules that did `from module import name` hold the same object under the same name
-    holders = [owner] + ([m for m in list(sys.modules.values()) if m is not owner and m is not None and
-                          m.__name__.startswith("seq2seq") and vars(m).get(name) is versions["B"]]
-                         if isinstance(owner, types.ModuleType) else [])
+    versions = {"A": vars(old_owner)[name], "B": vars(owner)[name]}  # as stored: a staticmethod stays one
+    # and the seq2seq modules that did `from module import name` hold the same object under the same name
+    holders = [owner] + [m for m in list(sys.modules.values()) if m is not None and m is not owner
+                         and m.__name__.startswith("seq2seq") and vars(m).get(name) is versions["B"]]
 
     def impl(which: str) -> None:
         for holder in holders:

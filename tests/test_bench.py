@@ -126,6 +126,10 @@ def test_ab_names_what_it_cannot_compare(target, message):
     ab = load_ab()
     with pytest.raises(ab.ABError, match=re.escape(message)):
         ab.swapper(target, "HEAD")
+
+
+def test_ab_names_a_revision_git_does_not_know():
+    ab = load_ab()
     with pytest.raises(ab.ABError, match="no_such_revision"):
         ab.swapper("seq2seq.search:search_batch", "no_such_revision")
 
