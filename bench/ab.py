@@ -1,5 +1,5 @@
-"""In-process A/B: one function of seq2seq as a git revision has it (A) against the working tree (B), timed on a
-training step or a decoding pass, in alternating rounds inside one process, and given as ratios.
+"""In-process A/B: one function of seq2seq (or several) as a git revision has it (A) against the working tree (B),
+timed on a training step or a decoding pass, in alternating rounds inside one process, and given as ratios.
 
 On a shared or virtual machine two runs of the same code differ by 5-15% (docs/benchmarks.md), more than most
 changes gain. In one process, with A and B swapped in turn on the same model, data and warm caches, the
@@ -7,10 +7,12 @@ machine's drift lands on both: the median of the per-round ratios, and their ran
 
     python bench/ab.py seq2seq.loss:FusedProjectionCrossEntropy.forward --task train --data-url DIR [--rev HEAD]
     python bench/ab.py seq2seq.search:top_next_tokens --task decode --ckpt CKPT --src FILE [--beam-size 5]
+    python bench/ab.py seq2seq.int8:Int8Linear.forward seq2seq.int8:Int8Linear.scaled --task decode ... --forced-len 20
 
-The function is swapped where seq2seq looks it up: on its class or module, and in every seq2seq module that
-imported it by name. A ratio above 1 means the working tree is faster. Decoding also says on how many lines
-A and B wrote the same translation, and how far apart their scores came.
+A change that spans functions names each of them: they are swapped together. Each is swapped where seq2seq looks
+it up: on its class or module, and in every seq2seq module that imported it by name. A ratio above 1 means the
+working tree is faster. Decoding also says on how many lines A and B wrote the same translation, and how far
+apart their scores came; `--forced-len L` decodes every line for exactly L steps (bench/decode.py's forced cases).
 """
 import argparse
 import importlib
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import train as train_bench  # noqa: E402  (bench/train.py: its batches, model and optimizer step)
+from decode import forced_ours  # noqa: E402  (bench/decode.py: the settings of its forced-length cases)
 
 from seq2seq import Seq2SeqError  # noqa: E402
 from seq2seq.hardware import choose_precision, machine_report, this_machine  # noqa: E402
@@ -97,6 +100,15 @@ def train_pass(args):
     return lambda: (train_bench.train_steps(model, loss_fn, optimizer, batches, bf16, args.device), None), tokens
 
 
+def decode_settings(args) -> dict:
+    """What Translator.translate gets: the search settings of the command line."""
+    settings = dict(beam_size=args.beam_size, max_tokens=args.batch_tokens, precision=args.precision,
+                    pretokenized=args.pretokenized)
+    if args.forced_len:  # exactly L decoder steps a line, as bench/decode.py's forced cases
+        settings.update(forced_ours(args.forced_len))
+    return settings
+
+
 def decode_pass(args):
     """A callable that translates `--src` and returns (seconds, the nbest lists), and the line count."""
     from seq2seq.translator import Translator
@@ -106,8 +118,7 @@ def decode_pass(args):
     except (OSError, UnicodeDecodeError) as e:
         raise ABError(f"--src {args.src}: {e}") from None
     translator = Translator.from_checkpoint(args.ckpt, device=args.device)
-    settings = dict(beam_size=args.beam_size, max_tokens=args.batch_tokens, precision=args.precision,
-                    pretokenized=args.pretokenized)
+    settings = decode_settings(args)
     translator.translate(lines[:20], **settings)  # warm-up
 
     def run():
@@ -125,7 +136,8 @@ def same_output(a: list, b: list) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", help="MODULE:FUNCTION, e.g. seq2seq.search:top_next_tokens")
+    parser.add_argument("targets", nargs="+", metavar="target",
+                        help="MODULE:FUNCTION, e.g. seq2seq.search:top_next_tokens; several are swapped together")
     parser.add_argument("--rev", default="HEAD", help="the git revision of A (default HEAD); B is the working tree")
     parser.add_argument("--task", choices=["train", "decode"], required=True)
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (A then B, then B then A, ...)")
@@ -147,9 +159,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     decode.add_argument("--pretokenized", action="store_true", help="--src is already in the corpus's form")
     decode.add_argument("--beam-size", type=int, default=5)
     decode.add_argument("--batch-tokens", type=int, default=4096, help="max_tokens of each decoding batch")
+    decode.add_argument("--forced-len", type=int, default=0, help="L: every line decoded for exactly L steps "
+                        "(bench/decode.py's forced cases; 0: natural length)")
     args = parser.parse_args(argv)
     if args.task == "decode" and not (args.ckpt and args.src):
         parser.error("--task decode needs --ckpt and --src")
+    if args.forced_len < 0 or args.forced_len == 1:
+        parser.error("--forced-len must be 0 (natural length) or at least 2 (a token, then eos)")
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: each version goes first once")
     return args
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        impl = swapper(args.target, args.rev)
+        swaps = [swapper(target, args.rev) for target in args.targets]
     except ABError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,13 +189,16 @@ def main(argv=None) -> int:
     seconds, outputs = {"A": [], "B": []}, {}
     for r in range(args.rounds):
         for which in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            impl(which)
+            for impl in swaps:
+                impl(which)
             took, out = run()
             seconds[which].append(took)
             outputs.setdefault(which, out)
-    impl("B")
+    for impl in swaps:
+        impl("B")
     ratios = [a / b for a, b in zip(seconds["A"], seconds["B"])]
-    print(f"{args.target}, {args.task}, {args.rounds} alternating rounds; A = {args.rev}, B = the working tree")
+    print(f"{' '.join(args.targets)}, {args.task}, {args.rounds} alternating rounds; "
+          f"A = {args.rev}, B = the working tree")
     for which in ("A", "B"):
         print(f"{which}: {units / statistics.median(seconds[which]):.1f} {unit}/s (median), "
               f"{units / min(seconds[which]):.1f} (best)")

@@ -134,15 +134,27 @@ def test_ab_names_a_revision_git_does_not_know():
         ab.swapper("seq2seq.search:search_batch", "no_such_revision")
 
 
+def test_ab_forces_the_length_it_is_given_and_refuses_one_step():
+    """--forced-len L means L - 1 tokens and then eos: L = 1 would leave no token to time."""
+    ab = load_ab()
+    with pytest.raises(SystemExit):
+        ab.parse_args(["seq2seq.search:search_batch", "--task", "decode", "--ckpt", "c", "--src", "s",
+                       "--forced-len", "1"])
+    forced = ab.decode_settings(ab.parse_args(["seq2seq.search:search_batch", "--task", "decode", "--ckpt", "c",
+                                               "--src", "s", "--forced-len", "4"]))
+    assert (forced["max_len_a"], forced["max_len_b"], forced["min_len"]) == (0, 3, 3)  # 3 tokens, then eos
+
+
 def test_ab_decodes_and_trains_in_alternating_rounds(smoke_run, tmp_path, data_dir):
     (tmp_path / "test.en").write_text("a cat .\nthe dog sat .\ntea .\nhe runs .\nshe is here .\n", encoding="utf-8")
     ckpt = str(smoke_run / "checkpoints" / "best.ckpt")
-    runs = {"decode": ["--task", "decode", "--ckpt", ckpt, "--src", str(tmp_path / "test.en"), "--beam-size", "3"],
-            "train": ["--task", "train", "--data", "demo", "--data-dir", str(data_dir), "--model", "tiny",
-                      "--steps", "2"]}
+    decode_targets = ["seq2seq.search:top_next_tokens", "seq2seq.search:beam_search"]  # two, swapped together
+    runs = {"decode": [*decode_targets, "--task", "decode", "--ckpt", ckpt, "--src", str(tmp_path / "test.en"),
+                       "--beam-size", "3", "--forced-len", "4"],
+            "train": ["seq2seq.loss:FusedProjectionCrossEntropy.forward", "--task", "train", "--data", "demo",
+                      "--data-dir", str(data_dir), "--model", "tiny", "--steps", "2"]}
     for task, args in runs.items():
-        proc = subprocess.run([sys.executable, "bench/ab.py", "seq2seq.search:top_next_tokens" if task == "decode"
-                               else "seq2seq.loss:FusedProjectionCrossEntropy.forward", *args, "--rounds", "2"],
+        proc = subprocess.run([sys.executable, "bench/ab.py", *args, "--rounds", "2"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         out = proc.stdout
@@ -150,6 +162,7 @@ def test_ab_decodes_and_trains_in_alternating_rounds(smoke_run, tmp_path, data_d
         assert re.search(r"\nA/B time per round: [\d.]+ [\d.]+\n", out), out
         assert re.search(r"\nB is [\d.]+x as fast as A \(median; range [\d.]+-[\d.]+\)\n", out), out
         if task == "decode":  # the same code on both sides: the same translations
+            assert f"\n{' '.join(decode_targets)}, decode, 2 alternating rounds;" in out, out
             assert out.endswith("\nsame translation on 5 of 5 lines, scores at most 0.0e+00 apart\n"), out
         else:  # what `auto` trains model=tiny at, on any CPU, and why
             assert "\ntraining precision 32: d_model 64 < 128" in out, out
