@@ -93,8 +93,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) float -> (..., out) float."""
-        row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (..., 1)
-        return self.scaled(x / row_scale, row_scale)
+        magnitude = x.abs()  # (..., in): then x / row_scale, written over it
+        row_scale = magnitude.amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (..., 1)
+        return self.scaled(torch.div(x, row_scale, out=magnitude), row_scale)
 
     def scaled(self, rows: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         """x W^T + b from rows = x / row_scale (..., in), each in [-1, 1], and row_scale (..., 1)."""
@@ -109,7 +110,7 @@ class Int8Linear(nn.Module):
             q = rows.reshape(-1, self.in_features).mul(127).round_().to(torch.int8)  # (N, in)
             y = torch._int_mm(q, self.q_weight_t).float().mul_(self.out_scale)
             y = y.view(*rows.shape[:-1], self.out_features)
-        return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale)
+        return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale, out=y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
