@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from seq2seq import Seq2SeqError
 from seq2seq.hardware import machine_report, synchronize, this_machine
 
 CASES = [("greedy", 1), ("beam5", 5)]
@@ -299,4 +300,7 @@ def sentences_per_s(row: dict) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Seq2SeqError as e:  # a checkpoint or corpus it cannot use: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -3,9 +3,11 @@
 #   1. the GPU tests of the suite (skipped on machines without CUDA);
 #   2. `run.py train experiment=smoke trainer=gpu` (precision auto: bf16 where the GPU has it, else 16);
 #   3. translate the smoke test set on the GPU and on the CPU, greedy fp32: the outputs must agree;
-#   4. training tokens/s and beam-5 sentences/s on the GPU, next to HF Marian of the same shape on the same GPU;
-#   5. the CPU's cache blocking (64-row encoder groups and logit blocks) against the GPU's, beam 5, A/B.
-# It needs no corpus from outside: everything runs on the generated demo corpus.
+#   4. training tokens/s on the GPU, next to HF Marian of the same shape on the same GPU;
+#   5. beam-5 (and greedy) sentences/s on the GPU, next to HF Marian `generate` on the same GPU;
+#   6. the CPU's cache blocking (64-row encoder groups and logit blocks) against the GPU's, beam 5, A/B.
+# It needs no corpus from outside: everything runs on the generated demo corpus. A step that fails does not stop
+# the ones after it; the script then ends by listing the failed steps, and exits 1.
 #
 # A lent GPU machine has torch, lightning, sacrebleu and transformers but not Hydra, MeCab or sacremoses, and no
 # network: run `bash bench/gpu_wheels.sh` here first (it puts their wheels in .whl/, about 16 MiB), carry .whl,
@@ -41,14 +43,15 @@ else
 fi
 start=$SECONDS
 python3 run.py machine peaks=false  # the machine, and what precision=auto and device=auto pick on it
+ckpt="$out/smoke/checkpoints/best.ckpt" test_en="$out/data/demo/test.en"
 
-echo "== 1. GPU tests"
+gpu_tests() {
 python3 -m pytest -q -p no:cacheprovider tests/test_hardware.py -k cuda 2>&1 | tail -5
+}
 
-echo "== 2. train experiment=smoke on the GPU"
+smoke_training() {
 python3 run.py train experiment=smoke trainer=$trainer trainer.enable_progress_bar=false \
     data_dir="$out/data" hydra.run.dir="$out/smoke" 2>&1 | grep -E "precision|machine|results" || true
-ckpt="$out/smoke/checkpoints/best.ckpt"
 test -f "$ckpt"
 python3 - "$out/smoke/results.json" <<'EOF'
 import json, sys
@@ -57,9 +60,9 @@ print(f"smoke on the GPU: {r['train_tokens_per_s']:,.0f} tokens/s, {r['global_st
       f"test BLEU {r['test/bleu']:.1f}; {r['validations']} validations took {r['validation_time_s']} s "
       f"({r['validation_time_s'] / r['train_time_s']:.0%} of training)")
 EOF
+}
 
-echo "== 3. GPU and CPU translations of the same checkpoint (greedy, fp32)"
-test_en="$out/data/demo/test.en"
+gpu_and_cpu_agree() {
 python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/gpu.ja" device=$device precision=32 beam_size=1 progress=false
 python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/cpu.ja" device=cpu precision=32 beam_size=1 progress=false
 python3 - "$out/gpu.ja" "$out/cpu.ja" <<'EOF'
@@ -70,14 +73,19 @@ print(f"GPU and CPU agree on {same} of {len(cpu)} lines")
 sys.exit(0 if len(gpu) == len(cpu) and same >= 0.98 * len(cpu) else 1)
 EOF
 python3 run.py translate ckpt="$ckpt" input="$test_en" output="$out/gpu_auto.ja" progress=false 2>&1 | grep precision || true
+}
 
-echo "== 4. speed on the GPU, side by side with HF Marian"
+training_speed() {
 python3 bench/train.py --device $device --data demo --data-dir "$out/data" $train_sizes
-python3 bench/decode.py --device $device --ckpt "$ckpt" --data-url "$out/data/demo" $decode_sizes
+}
 
-echo "== 5. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches"
+decoding_speed() {
+python3 bench/decode.py --device $device --ckpt "$ckpt" --data-url "$out/data/demo" $decode_sizes
+}
+
 # On a GPU the encoder takes a batch whole and logits go in blocks of up to 2^26 (seq2seq/hardware.py:
 # rows_per_block); on a CPU, 64-row encoder groups and 64-row logit blocks. Rounds alternate; sentences/s.
+cache_blocking() {
 python3 - "$ckpt" "$test_en" "$device" "$lines_times" <<'EOF'
 import functools, statistics, sys, time
 import seq2seq.search as search
@@ -100,4 +108,27 @@ rounds = [(speed(gpu_style), speed(cpu_style)) for _ in range(3)]
 print(f"GPU-style {statistics.median(g[0] for g, _ in rounds):.0f} sentences/s, CPU-style "
       f"{statistics.median(c[0] for _, c in rounds):.0f}; same output: {rounds[0][0][1] == rounds[0][1][1]}")
 EOF
+}
+
+# Every step runs, even after one has failed: a lent GPU's few minutes should bring back every figure they can.
+# A step stops at its first failing command (errexit, in a subshell of its own); the failed steps are listed last.
+set +e
+failed=()
+step() {  # step TITLE FUNCTION
+    echo "== $1"
+    ( set -euo pipefail; "$2" )
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then echo "step failed (exit $rc): $1"; failed+=("$1"); fi
+}
+step "1. GPU tests" gpu_tests
+step "2. train experiment=smoke on the GPU" smoke_training
+step "3. GPU and CPU translations of the same checkpoint (greedy, fp32)" gpu_and_cpu_agree
+step "4. training speed on the GPU, side by side with HF Marian" training_speed
+step "5. decoding speed on the GPU, side by side with HF Marian" decoding_speed
+step "6. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches" cache_blocking
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "gpu_check: ${#failed[@]} of 6 steps failed, in $((SECONDS - start)) s:"
+    printf '  %s\n' "${failed[@]}"
+    exit 1
+fi
 echo "gpu_check: done in $((SECONDS - start)) s"

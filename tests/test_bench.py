@@ -61,6 +61,30 @@ def test_the_gpu_check_script_runs_every_step_in_its_cpu_rehearsal(tmp_path):
     assert re.search(r"\ngpu_check: done in \d+ s\n$", log), log
 
 
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_step_after_one_fails_and_lists_the_failures(tmp_path):
+    """A lent GPU's minutes come once: a step that fails must not cost the figures of the steps after it. Here
+    training cannot write its run folder (a file stands in its place), so the steps that need its checkpoint fail
+    too, with one line; the GPU tests and the training speed still run, and the script ends with the list and exit 1."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (work / "smoke").write_text("not a folder")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(work)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "REHEARSE": "1", "OUT": str(out)})
+    log = (out / "gpu_check.log").read_text(encoding="utf-8")
+    assert proc.returncode == 1, log[-3000:]
+    failed = ["2. train experiment=smoke on the GPU",
+              "3. GPU and CPU translations of the same checkpoint (greedy, fp32)",
+              "5. decoding speed on the GPU, side by side with HF Marian",
+              "6. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches"]
+    listing = "".join(f"  {re.escape(title)}\n" for title in failed)
+    assert re.search(r"\ngpu_check: 4 of 6 steps failed, in \d+ s:\n" + listing + "$", log), log[-2000:]
+    assert f"\nerror: {work / 'smoke' / 'checkpoints' / 'best.ckpt'}: checkpoint not found\n" in log
+    step_4 = r"\nbest seq2seq \(seq2seq \w+\) / best Marian \(Marian \w+ \w+\): [\d.]+x\n"
+    assert re.search(step_4, log), log
+
+
 def test_batch_size_bench_prints_every_batch_size_at_every_precision(smoke_run, tmp_path):
     (tmp_path / "test.en").write_text("a cat .\nthe dog sat .\ntea .\nhe runs .\nshe is here .\n", encoding="utf-8")
     ckpt = str(smoke_run / "checkpoints" / "best.ckpt")
