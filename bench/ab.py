@@ -176,26 +176,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         swaps = [swapper(target, args.rev) for target in args.targets]
-    except ABError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(machine_report(this_machine(), args.device))
-    try:
+        print(machine_report(this_machine(), args.device))
         run, units = train_pass(args) if args.task == "train" else decode_pass(args)
     except (ABError, Seq2SeqError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    def use(which: str) -> None:
+        for impl in swaps:
+            impl(which)
+
     unit = "tokens" if args.task == "train" else "sentences"
     seconds, outputs = {"A": [], "B": []}, {}
     for r in range(args.rounds):
         for which in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            for impl in swaps:
-                impl(which)
+            use(which)
             took, out = run()
             seconds[which].append(took)
             outputs.setdefault(which, out)
-    for impl in swaps:
-        impl("B")
+    use("B")
     ratios = [a / b for a, b in zip(seconds["A"], seconds["B"])]
     print(f"{' '.join(args.targets)}, {args.task}, {args.rounds} alternating rounds; "
           f"A = {args.rev}, B = the working tree")

@@ -113,9 +113,10 @@ EOF
 # Every step runs, even after one has failed: a lent GPU's few minutes should bring back every figure they can.
 # A step stops at its first failing command (errexit, in a subshell of its own); the failed steps are listed last.
 set +e
-failed=()
+failed=() steps=0
 step() {  # step TITLE FUNCTION
     echo "== $1"
+    steps=$((steps + 1))
     ( set -euo pipefail; "$2" )
     local rc=$?
     if [ "$rc" -ne 0 ]; then echo "step failed (exit $rc): $1"; failed+=("$1"); fi
@@ -127,7 +128,7 @@ step "4. training speed on the GPU, side by side with HF Marian" training_speed
 step "5. decoding speed on the GPU, side by side with HF Marian" decoding_speed
 step "6. the CPU's cache blocking on the GPU, A/B: beam 5, 2,000 lines, 16,384-token batches" cache_blocking
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "gpu_check: ${#failed[@]} of 6 steps failed, in $((SECONDS - start)) s:"
+    echo "gpu_check: ${#failed[@]} of $steps steps failed, in $((SECONDS - start)) s:"
     printf '  %s\n' "${failed[@]}"
     exit 1
 fi

@@ -60,7 +60,7 @@ def test_no_gradient_work_without_grad():
 
 def test_logits_far_apart_stay_finite():
     """Logits hundreds apart: the probability of a far-off target underflows to 0 in fp32, so the loss must not
-    be taken from it (log 0); log sum exp comes from the top logit's probability, which is at least 1 / V."""
+    be taken from it (log 0), but from log-sum-exp less the target's logit."""
     torch.manual_seed(0)
     h, weight = 40 * torch.randn(30, 8), torch.randn(20, 8)
     target = (h @ weight.t()).argmin(dim=1)  # the least probable token of each row: p far below 1e-38
