@@ -201,6 +201,9 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     each sentence's own source length (`max_output_lens`). A `prefix` forces each sentence's first
     tokens (its score still counts their log P).
 
+    The first step decodes one row per sentence, not K: its K beams would all be the same prefix (bos), so
+    the K best of that row's continuations start the beams (as CTranslate2 does on a CPU).
+
     Args: src (B, S) ids; src_pad_mask (B, S), True at padding; prefix (B, P) ids, -1 after a sentence's own.
     Returns: for each sentence, the nbest (tokens without bos/eos, score) pairs, best first.
     """
@@ -210,30 +213,30 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     memory = encode_by_length(model, src, src_pad_mask)  # (B, S, D): a sentence's K beams share it (cross_attention)
     cache = [{} for _ in model.decoder_layers]
     alive = torch.arange(src.size(0), device=src.device)  # sentences still searched (their input rows)
-    tokens = torch.full((src.size(0) * K, 1), BOS_ID, dtype=torch.long, device=src.device)
-    scores = torch.zeros(src.size(0), K, device=src.device)
-    scores[:, 1:] = float("-inf")  # all beams start as the same prefix: let only one of them expand
+    tokens = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)  # (B, 1): one row each
+    scores = torch.zeros(src.size(0), 1, device=src.device)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(src.size(0))]
     last_steps = set(limit.tolist())  # the steps at which some sentence must end: read once, not once a step
     for step in range(max(last_steps) + 1):
         B = alive.size(0)
-        h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*K, D)
-        forced = prefix[:, step].repeat_interleave(K) if prefix is not None and step < prefix.size(1) else None
-        must_end = limit.eq(step).repeat_interleave(K) if step in last_steps else None  # (B*K,)
-        # The 2K best of a sentence's K*V continuations are among the 2K best of each beam, so only
-        # those are added to the prefix scores: no (B*K, V) sum is built.
+        W = tokens.size(0) // B  # beams a sentence has now: 1 at the first step, then K
+        h = model.decode_step(tokens[:, -1:], memory, src_pad_mask, cache)  # (B*W, D)
+        forced = prefix[:, step].repeat_interleave(W) if prefix is not None and step < prefix.size(1) else None
+        must_end = limit.eq(step).repeat_interleave(W) if step in last_steps else None  # (B*W,)
+        # The 2K best of a sentence's W*V continuations are among the 2K best of each beam, so only
+        # those are added to the prefix scores: no (B*W, V) sum is built.
         beam_log_probs, beam_tokens = top_next_tokens(model, h, 2 * K, eos_allowed=step >= min_len,
-                                                      must_end=must_end, forced=forced)  # (B*K, 2K)
-        candidates = (scores.view(B * K, 1) + beam_log_probs).view(B, K * 2 * K)
+                                                      must_end=must_end, forced=forced)  # (B*W, 2K)
+        candidates = (scores.view(B * W, 1) + beam_log_probs).view(B, W * 2 * K)
         top_scores, top_ids = candidates.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
-        beam, token = top_ids // (2 * K), beam_tokens.view(B, K * 2 * K).gather(1, top_ids)
-        collect_finished(finished, alive, top_scores, beam, token, tokens.view(B, K, -1), K, alpha, step + 1)
+        beam, token = top_ids // (2 * K), beam_tokens.view(B, W * 2 * K).gather(1, top_ids)
+        collect_finished(finished, alive, top_scores, beam, token, tokens.view(B, W, -1), K, alpha, step + 1)
         searching = [len(finished[b]) < K for b in alive.tolist()]  # (B,), on the host
         if not any(searching):
             break
         alive_scores = top_scores.masked_fill(token.eq(EOS_ID), float("-inf"))
         scores, pick = alive_scores.topk(K, dim=1)  # (B, K)
-        order = beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * K  # (B, K): rows to extend
+        order = beam.gather(1, pick) + torch.arange(B, device=src.device)[:, None] * W  # (B, K): rows to extend
         next_token = token.gather(1, pick)  # (B, K)
         if not all(searching):  # drop sentences with K finished hypotheses: later steps skip their rows
             keep = torch.tensor([b for b, more in enumerate(searching) if more], device=src.device)

@@ -241,6 +241,20 @@ def test_batched_beam_search_equals_one_sentence_at_a_time(tiny_model):
             assert abs(s1 - s2) < 1e-4
 
 
+
+def test_the_first_step_decodes_one_row_per_sentence_whose_k_best_start_k_different_beams(tiny_model, monkeypatch):
+    """All K beams of a sentence start as bos: the first step decodes that row once, not K times (CTranslate2
+    does the same on a CPU), and its K best continuations become K different beams."""
+    src, _ = batch(tiny_model.cfg.vocab_size)
+    rows, decode_step = [], tiny_model.decode_step
+    monkeypatch.setattr(tiny_model, "decode_step", lambda *args: rows.append(args[0].size(0)) or decode_step(*args))
+    out = beam_search(tiny_model, src, tiny_model.pad_mask(src), SearchConfig(beam_size=4, nbest=4, max_len_a=0,
+                                                                                max_len_b=6))
+    assert rows[:2] == [3, 12]
+    for nbest in out:
+        assert len(nbest) == 4 and len({tuple(hyp) for hyp, _ in nbest}) == 4
+        assert len({hyp[0] for hyp, _ in nbest if hyp}) > 1  # the beams did not all take the one best first token
+
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_a_sentence_translates_the_same_alone_and_next_to_a_longer_one(tiny_model, beam_size):
     """The output length limit is a * (the sentence's own source length) + b, not the batch's longest."""
