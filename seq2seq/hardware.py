@@ -407,7 +407,7 @@ def auto_choices(machine: Machine, d_model: int | None) -> list[str]:
 def machine_command(d_model: int | None, peaks: bool) -> None:
     """`run.py machine`: what this machine offers (the machine line every log and benchmark starts with,
     threads, int8 kernel, matmul peaks) and what `auto` picks on it, on stdout."""
-    from seq2seq.int8 import int8_kernel  # the model code, only here
+    from seq2seq.int8 import ONEDNN_ROWS, int8_kernel, onednn_pays, onednn_qlinear  # the model code, only here
 
     machine = this_machine()
     omp = os.environ.get("OMP_NUM_THREADS")
@@ -415,6 +415,9 @@ def machine_command(d_model: int | None, peaks: bool) -> None:
              f"threads: {torch.get_num_threads()} (CPUs this process may use: {cpu_budget()}"
              f"{f'; OMP_NUM_THREADS={omp}' if omp else ''})",
              f"int8 kernel: {INT8_KERNELS[int8_kernel()]} (quantized engine {torch.backends.quantized.engine})"]
+    if int8_kernel() == "fixed" and onednn_qlinear():
+        lines[-1] += (f"; oneDNN's from {ONEDNN_ROWS} rows a call, timed faster here" if onednn_pays() else
+                      "; oneDNN's timed no faster here")
     if peaks:
         lines += machine_report(machine).splitlines()[1:]
         if machine.cuda:

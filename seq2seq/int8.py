@@ -7,12 +7,16 @@ change how it is quantized. PyTorch's dynamic quantization scales a whole batch 
 their own 0 of 300. (What is left: attention over a batch's padding changes fp32 sums in their last
 bit, which can move a value across a rounding step; measured, 1 of 500 lines alone and 3 of 640 in
 random batches of 32 changed, near-ties of the beam; fp32 0.) The integer dot products are fbgemm's
-(VNNI or AVX2). Attention scores, softmax and LayerNorm stay in fp32.
+(VNNI or AVX2), or for calls of many rows oneDNN's (what CTranslate2 uses on AMD CPUs) where that measured
+faster (`onednn_pays`): the same integer sums and scaling, so the same output bit for bit. Attention scores,
+softmax and LayerNorm stay in fp32.
 
 PyTorch has announced the removal of its quantized CPU kernels (torch.ao, torch.ops.quantized). A torch
 without them multiplies through `torch._int_mm` instead, a core ATen op, on CPUs with VNNI (integer dot
 products that cannot saturate): measured 0.94-0.98x the fbgemm path, still 1.2x fp32 (docs/benchmarks.md).
 """
+import functools
+import time
 import warnings
 
 import torch
@@ -26,6 +30,10 @@ from seq2seq.model import FeedForward, Transformer
 # fbgemm's reduce_range keeps its u8 x s8 products from saturating on CPUs without VNNI.
 ROW_SCALE, ZERO_POINT = 1 / 63, 64
 FIXED_SCALE_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+# A "fixed" Int8Linear call of this many rows or more multiplies through oneDNN where `onednn_pays`. Measured on a
+# 2-core AVX2 EPYC, the product alone: oneDNN 0.9-1.3x fbgemm at 256 rows, 1.0-1.25x from 500, 0.3-0.8x below 128
+# (50-90 us more a call); in decoding, 256 rows gave greedy 1.021x and beam 5 1.040x, 512 rows 1.018x and 1.042x.
+ONEDNN_ROWS = 256
 
 
 def quantized_ops() -> bool:
@@ -63,6 +71,33 @@ def int8_kernel() -> str:
     return "int_mm" if vnni() and int_mm_exact() else ""
 
 
+def onednn_qlinear() -> bool:
+    """Whether this torch has oneDNN's int8 linear (torch.ops.onednn, x86 builds; Inductor's int8 path)."""
+    return all(hasattr(torch.ops.onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise"))
+
+
+@functools.cache
+def onednn_pays() -> bool:
+    """Whether oneDNN's int8 product beats fbgemm's here, by 5% or more: timed once a process, at the first call
+    that could use it, on a (2 * ONEDNN_ROWS, 256) x (256, 1024) product (the best of 5 runs of each, taken in
+    turn). Which one runs changes no output bit, only the time."""
+    if not onednn_qlinear() or int8_kernel() != "fixed":
+        return False
+    try:
+        with torch.random.fork_rng(devices=[]):  # the random layer and rows leave no trace in the caller's draws
+            layer = Int8Linear(nn.Linear(256, 1024))
+            rows = torch.rand(2 * ONEDNN_ROWS, 256) * 2 - 1
+        best = {layer.fbgemm_product: float("inf"), layer.onednn_product: float("inf")}
+        for _ in range(6):  # the first run of each is a warm-up: oneDNN builds its kernel for the shape
+            for product in best:
+                start = time.perf_counter()
+                product(rows)
+                best[product] = min(best[product], time.perf_counter() - start)
+        return best[layer.onednn_product] < 0.95 * best[layer.fbgemm_product]
+    except RuntimeError:  # a torch whose oneDNN ops take other arguments: fbgemm's alone
+        return False
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 (one scale per output row) and each row of x quantized by its own max |x|.
 
@@ -90,6 +125,7 @@ class Int8Linear(nn.Module):
                 self.packed = torch.ops.quantized.linear_prepack(q_weight, None)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.onednn_weight = None  # the weights packed for oneDNN, at the first call that multiplies through it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) float -> (..., out) float."""
@@ -100,7 +136,8 @@ class Int8Linear(nn.Module):
     def scaled(self, rows: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         """x W^T + b from rows = x / row_scale (..., in), each in [-1, 1], and row_scale (..., 1)."""
         if self.kernel == "fixed":
-            y = getattr(torch.ops.quantized, FIXED_SCALE_OP)(rows, ROW_SCALE, ZERO_POINT, self.packed)
+            many = rows.numel() >= ONEDNN_ROWS * self.in_features
+            y = self.onednn_product(rows) if many and onednn_pays() else self.fbgemm_product(rows)
         elif self.kernel == "dynamic":
             anchor = torch.tensor([[1.0], [-1.0]]).expand(2, self.in_features)
             flat = torch.cat([rows.reshape(-1, self.in_features), anchor])  # (N + 2, in)
@@ -111,6 +148,25 @@ class Int8Linear(nn.Module):
             y = torch._int_mm(q, self.q_weight_t).float().mul_(self.out_scale)
             y = y.view(*rows.shape[:-1], self.out_features)
         return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale, out=y)
+
+    def fbgemm_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """(x / row_scale) W^T through fbgemm, rows quantized to 1..127 inside the kernel."""
+        return getattr(torch.ops.quantized, FIXED_SCALE_OP)(rows, ROW_SCALE, ZERO_POINT, self.packed)
+
+    def onednn_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """fbgemm_product through oneDNN: the rows quantized alike (1..127), the same int32 sums and scales."""
+        if self.onednn_weight is None:
+            q_weight, _ = torch.ops.quantized.linear_unpack(self.packed)  # qint8, per-channel scales
+            self.weight_scale = q_weight.q_per_channel_scales().float()
+            self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.long)
+            self.onednn_weight = torch.ops.onednn.qlinear_prepack(q_weight.int_repr(), None)
+            with warnings.catch_warnings():  # its once-a-process notice that quantized tensors are deprecated
+                warnings.simplefilter("ignore")
+                torch.quantize_per_tensor(torch.zeros(1), ROW_SCALE, ZERO_POINT, torch.quint8)
+        q = torch.quantize_per_tensor(rows, ROW_SCALE, ZERO_POINT, torch.quint8)  # as fbgemm's kernel rounds them
+        u8 = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), 0, q.shape, q.stride())  # its bytes, no copy
+        return torch.ops.onednn.qlinear_pointwise(u8, ROW_SCALE, ZERO_POINT, self.onednn_weight, self.weight_scale,
+                                                  self.weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -329,6 +329,57 @@ def test_a_torch_without_quantized_kernels_multiplies_through_int_mm_where_the_c
             Int8Linear(torch.nn.Linear(4, 4))
 
 
+def needs_onednn() -> None:
+    if seq2seq.int8.int8_kernel() != "fixed" or not seq2seq.int8.onednn_qlinear():
+        pytest.skip("this torch build has no fbgemm fixed-scale kernel or no oneDNN int8 linear")
+
+
+def test_onednn_and_fbgemm_int8_products_are_the_same_bit_for_bit_extreme_values_included():
+    """Rows at +-1 against weights at +-127: without VNNI, u8 x s8 pairs are summed in 16 bits, where 7-bit rows
+    (1..127) keep the sums from saturating in both libraries."""
+    needs_onednn()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64).sign())  # every weight quantizes to +-127
+    layer = Int8Linear(linear)
+    rows = torch.cat([torch.ones(2, 64), -torch.ones(2, 64), torch.randn(2, 64).sign(), torch.rand(300, 64) * 2 - 1])
+    assert torch.equal(layer.onednn_product(rows), layer.fbgemm_product(rows))
+    exact = (rows * 63).round() @ (linear.weight * 127).t() * (1 / 63) * (linear.weight.abs().amax(1) / 127)
+    assert torch.allclose(layer.fbgemm_product(rows), exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_an_int8_linear_of_many_rows_multiplies_through_onednn_where_it_pays_with_the_same_output(pays, monkeypatch):
+    needs_onednn()
+    monkeypatch.setattr(seq2seq.int8, "onednn_pays", lambda: pays)
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(32, 16))
+    calls = []
+    onednn_product = layer.onednn_product
+    monkeypatch.setattr(layer, "onednn_product", lambda rows: calls.append(len(rows)) or onednn_product(rows))
+    x = torch.randn(seq2seq.int8.ONEDNN_ROWS + 7, 32) * torch.logspace(-2, 2, seq2seq.int8.ONEDNN_ROWS + 7)[:, None]
+    with torch.no_grad():
+        many, few = layer(x), layer(x[:5])
+        monkeypatch.setattr(seq2seq.int8, "onednn_pays", lambda: False)
+        assert torch.equal(layer(x), many) and torch.equal(few, many[:5])  # fbgemm alone: the same bits
+    assert calls == ([len(x)] if pays else [])
+
+
+def test_whether_onednn_pays_is_timed_once_a_process_and_never_without_its_ops(monkeypatch):
+    needs_onednn()
+    seq2seq.int8.onednn_pays.cache_clear()
+    state = torch.random.get_rng_state()
+    assert seq2seq.int8.onednn_pays() in (True, False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # its random layer left the caller's draws alone
+    assert seq2seq.int8.onednn_pays.cache_info().misses == 1 and seq2seq.int8.onednn_pays() in (True, False)
+    assert seq2seq.int8.onednn_pays.cache_info().hits == 1
+    seq2seq.int8.onednn_pays.cache_clear()
+    monkeypatch.setattr(seq2seq.int8, "onednn_qlinear", lambda: False)
+    assert seq2seq.int8.onednn_pays() is False
+    seq2seq.int8.onednn_pays.cache_clear()
+
+
 @pytest.mark.parametrize("kernel", ["fixed", "int_mm"])
 def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, kernel, monkeypatch):
     """Through the KV cache too: a sentence's hypotheses and scores do not depend on the sentences batched
