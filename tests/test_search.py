@@ -9,8 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import seq2seq.search
 from seq2seq.attention import KVCache
-from seq2seq.search import (ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk, encode_by_length,
-                            greedy_search, search_batch, top_next_tokens)
+from seq2seq.ensemble import Ensemble
+from seq2seq.int8 import ONEDNN_ROWS, Int8Transformer
+from seq2seq.search import (CPU_LOGIT_ROWS, ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk,
+                            cpu_logit_rows, encode_by_length, greedy_search, search_batch, top_next_tokens)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.conftest import HostSyncs, batch
 
@@ -353,6 +355,17 @@ def test_blockwise_topk_equals_topk(V):
     expected_values, expected_ids = x.topk(10, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
 
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_an_int8_model_takes_logits_in_blocks_that_its_faster_product_runs_on(tiny_model, pays, monkeypatch):
+    """Where oneDNN's int8 product pays it takes calls of ONEDNN_ROWS rows or more: the output projection's
+    blocks grow to that size; a float model, or int8 through fbgemm alone, keeps cache-sized blocks."""
+    monkeypatch.setattr(seq2seq.search, "onednn_pays", lambda: pays)
+    int8 = Int8Transformer(tiny_model)
+    assert cpu_logit_rows(tiny_model) == CPU_LOGIT_ROWS
+    assert cpu_logit_rows(int8) == cpu_logit_rows(Ensemble([int8, int8])) == (ONEDNN_ROWS if pays else CPU_LOGIT_ROWS)
+    assert cpu_logit_rows(Ensemble([int8, tiny_model])) == CPU_LOGIT_ROWS
 
 def test_the_next_tokens_are_the_same_in_blocks_of_rows_as_all_at_once(tiny_model):
     """Blocks of 64 rows (a CPU's cache) or one block (a GPU): the same log P and ids, with forced rows, rows
