@@ -8,14 +8,23 @@ The causal mask is never built by hand for the fast path: SDPA's `is_causal` app
 Which kernel runs: `F.scaled_dot_product_attention`, except for bfloat16 on a CPU, where PyTorch's
 SDPA kernels measured 1.5-7x slower than the two matmuls and softmax of `attention_weights`
 (forward+backward, 4 heads of 64, T=16..512; see the commit that added this; on a later AMX CPU
-still 3-7x slower at T=17..64, though 15% faster at T=256), and except when the weights are
-asked for. Both paths compute the same function.
+still 3-7x slower at T=17..64, though 15% faster at T=256), except for large decoding steps on a CPU
+(`STEP_QUERIES`), and except when the weights are asked for. Both paths compute the same function.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# Decoding steps on a CPU: at most STEP_QUERIES queries a row (one position; a sentence's beams in cross-attention)
+# and at least STEP_MIN_VECTORS query vectors in all (rows x heads x queries) take the two matmuls and softmax of
+# `attention_weights`, not SDPA's flash kernel, whose per-(row, head) work is tiny there. Measured alone on a 2-core
+# AVX2 EPYC: 1.15-2.0x from 200-500 vectors, 0.3-0.8x below 100 (one sentence); in decoding, 500 lines: beam 5
+# 1.105x, greedy forced 20 1.052x. On a 2-core Xeon (AVX2 caps) without the lower bound: 1.01x on 500 lines, 0.89x
+# one sentence greedy.
+STEP_QUERIES, STEP_MIN_VECTORS = 8, 512
 
 
 def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, device) -> torch.Tensor | None:
@@ -31,6 +40,12 @@ def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, d
         future = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
         keep = ~future[None, None] if keep is None else keep & ~future
     return keep
+
+
+def decoding_step_on_cpu(query: torch.Tensor) -> bool:
+    """Whether query (B, H, T, d_head) is a large decoding step on a CPU: see STEP_QUERIES."""
+    return (query.device.type == "cpu" and query.size(2) <= STEP_QUERIES and not query.requires_grad
+            and query.numel() >= STEP_MIN_VECTORS * query.size(-1))
 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -186,6 +201,8 @@ class MultiHeadAttention(nn.Module):
             weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
             self.weights = weights if self.store_weights else None
             context = weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
+        elif decoding_step_on_cpu(query):
+            context = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device)) @ value
         elif causal and key_pad_mask is None and T == S:
             context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
         else:

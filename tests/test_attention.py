@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import seq2seq.attention
 from seq2seq.attention import KVCache, MultiHeadAttention, attention_weights, keep_mask
 from tests.conftest import batch
 
@@ -93,6 +95,33 @@ def test_explicit_weights_path_equals_sdpa_path(kind):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert mha.weights.shape == (2, 4, 5, 7 if kind == "cross" else 5)
 
+
+
+@pytest.mark.parametrize("rows, sdpa", [(2, True), (200, False)])
+def test_a_large_decoding_step_on_a_cpu_takes_two_matmuls_and_a_softmax_to_sdpas_output(rows, sdpa, monkeypatch):
+    """Causal self-attention over a KV cache and cross-attention with padding, one new position a row: with
+    rows x heads past STEP_MIN_VECTORS the explicit path runs (SDPA's flash kernel is slow there), below it SDPA."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    prefix, x, memory = torch.randn(rows, 3, 16), torch.randn(rows, 1, 16), torch.randn(rows, 7, 16)
+    mem_pad = torch.zeros(rows, 7, dtype=torch.bool)
+    mem_pad[::2, 4:] = True
+
+    def step():
+        cache = KVCache()
+        with torch.no_grad():
+            mha.self_attention(prefix, causal=True, cache=cache)
+            return mha.self_attention(x, causal=True, cache=cache), mha.cross_attention(x, memory, mem_pad)
+
+    calls, sdpa_kernel = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa_kernel(*a, **k))
+    got = step()
+    assert bool(calls) == sdpa and (len(calls) == 3 if sdpa else not calls)
+    monkeypatch.setattr(seq2seq.attention, "STEP_MIN_VECTORS", 10 ** 9)  # SDPA everywhere
+    calls.clear()
+    for a, b in zip(got, step()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert len(calls) == 3
 
 def test_cross_attention_takes_keys_and_values_from_memory_only():
     torch.manual_seed(0)
