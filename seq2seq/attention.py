@@ -197,12 +197,11 @@ class MultiHeadAttention(nn.Module):
         T, S = query.size(2), key.size(2)
         if self.record is not None:
             context = self.attend_step_by_step(query, key, value, keep_mask(key_pad_mask, causal, T, S, query.device))
-        elif self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16):
+        elif self.store_weights or (query.device.type == "cpu" and query.dtype == torch.bfloat16) or \
+                decoding_step_on_cpu(query):
             weights = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device))
             self.weights = weights if self.store_weights else None
             context = weights.to(value.dtype) @ value  # (B, H, T, d_head): values move between positions
-        elif decoding_step_on_cpu(query):
-            context = attention_weights(query, key, keep_mask(key_pad_mask, causal, T, S, query.device)) @ value
         elif causal and key_pad_mask is None and T == S:
             context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
         else:
