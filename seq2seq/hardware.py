@@ -416,8 +416,8 @@ def machine_command(d_model: int | None, peaks: bool) -> None:
              f"{f'; OMP_NUM_THREADS={omp}' if omp else ''})",
              f"int8 kernel: {INT8_KERNELS[int8_kernel()]} (quantized engine {torch.backends.quantized.engine})"]
     if int8_kernel() == "fixed" and onednn_qlinear():
-        lines[-1] += (f"; oneDNN's from {ONEDNN_ROWS} rows a call, timed faster here" if onednn_pays() else
-                      "; oneDNN's timed no faster here")
+        lines[-1] += (f"; oneDNN's from {ONEDNN_ROWS} rows a call, timed no slower here" if onednn_pays() else
+                      "; oneDNN's timed slower here")
     if peaks:
         lines += machine_report(machine).splitlines()[1:]
         if machine.cuda:

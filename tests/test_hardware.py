@@ -380,6 +380,29 @@ def test_whether_onednn_pays_is_timed_once_a_process_and_never_without_its_ops(m
     seq2seq.int8.onednn_pays.cache_clear()
 
 
+@pytest.mark.parametrize("speedup, pays", [(1.2, True), (0.97, True), (0.9, False)])
+def test_onednn_is_used_unless_its_product_times_clearly_slower(speedup, pays, monkeypatch):
+    """Its timing wanders by +-20% on a virtual machine: only a clearly slower oneDNN leaves the work to fbgemm."""
+    needs_onednn()
+    seq2seq.int8.onednn_pays.cache_clear()
+    monkeypatch.setattr(seq2seq.int8, "onednn_speedup", lambda: speedup)
+    assert seq2seq.int8.onednn_pays() is pays
+    seq2seq.int8.onednn_pays.cache_clear()
+
+
+def test_onednn_speedup_times_a_pass_of_each_kernel_over_layers_of_each_shape(monkeypatch):
+    needs_onednn()
+    calls = []
+    for product in ("fbgemm_product", "onednn_product"):
+        kernel = getattr(Int8Linear, product)
+        monkeypatch.setattr(Int8Linear, product, lambda self, rows, kernel=kernel, product=product:
+                            calls.append((product, self.in_features, self.out_features)) or kernel(self, rows))
+    assert 0.1 < seq2seq.int8.onednn_speedup(16) < 10
+    shapes = [(16, 48), (16, 64), (64, 16)]
+    assert calls == [(product, *shape) for _ in range(6) for product in ("fbgemm_product", "onednn_product")
+                     for shape in shapes]
+
+
 @pytest.mark.parametrize("kernel", ["fixed", "int_mm"])
 def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, kernel, monkeypatch):
     """Through the KV cache too: a sentence's hypotheses and scores do not depend on the sentences batched
