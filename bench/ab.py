@@ -8,6 +8,7 @@ machine's drift lands on both: the median of the per-round ratios, and their ran
     python bench/ab.py seq2seq.loss:FusedProjectionCrossEntropy.forward --task train --data-url DIR [--rev HEAD]
     python bench/ab.py seq2seq.search:top_next_tokens --task decode --ckpt CKPT --src FILE [--beam-size 5]
     python bench/ab.py seq2seq.int8:Int8Linear.forward seq2seq.int8:Int8Linear.scaled --task decode ... --forced-len 20
+    python bench/ab.py seq2seq.search:greedy_search --task decode ... --beam-size 1 --batch-lines 1 --lines 64
 
 A change that spans functions names each of them: they are swapped together. Each is swapped where seq2seq looks
 it up: on its class or module, and in every seq2seq module that imported it by name. A ratio above 1 means the
@@ -123,7 +124,9 @@ def decode_pass(args):
 
     def run():
         start = time.perf_counter()
-        out = translator.translate_nbest(lines, **settings)
+        n = args.batch_lines or len(lines)  # lines a call: 1 is one sentence at a time, as a service answers them
+        out = [nbest for at in range(0, len(lines), n) for nbest in translator.translate_nbest(lines[at:at + n],
+                                                                                               **settings)]
         return time.perf_counter() - start, out
     return run, len(lines)
 
@@ -159,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     decode.add_argument("--pretokenized", action="store_true", help="--src is already in the corpus's form")
     decode.add_argument("--beam-size", type=int, default=5)
     decode.add_argument("--batch-tokens", type=int, default=4096, help="max_tokens of each decoding batch")
+    decode.add_argument("--batch-lines", type=int, default=0,
+                        help="translate N lines a call (1: one sentence at a time; 0: all lines in one call)")
     decode.add_argument("--forced-len", type=int, default=0, help="L: every line decoded for exactly L steps "
                         "(bench/decode.py's forced cases; 0: natural length)")
     args = parser.parse_args(argv)

@@ -176,7 +176,7 @@ def test_ab_decodes_and_trains_in_alternating_rounds(smoke_run, tmp_path, data_d
     ckpt = str(smoke_run / "checkpoints" / "best.ckpt")
     decode_targets = ["seq2seq.search:top_next_tokens", "seq2seq.search:beam_search"]  # two, swapped together
     runs = {"decode": [*decode_targets, "--task", "decode", "--ckpt", ckpt, "--src", str(tmp_path / "test.en"),
-                       "--beam-size", "3", "--forced-len", "4"],
+                       "--beam-size", "3", "--forced-len", "4", "--batch-lines", "2"],  # 2 lines a call
             "train": ["seq2seq.loss:FusedProjectionCrossEntropy.forward", "--task", "train", "--data", "demo",
                       "--data-dir", str(data_dir), "--model", "tiny", "--steps", "2"]}
     for task, args in runs.items():

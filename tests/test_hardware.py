@@ -380,6 +380,33 @@ def test_whether_onednn_pays_is_timed_once_a_process_and_never_without_its_ops(m
     seq2seq.int8.onednn_pays.cache_clear()
 
 
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_packed_weight_calls_are_compiled_by_torchscript_and_give_the_eager_bits(engine, monkeypatch):
+    """Called from TorchScript, a quantized op skips ~17 us of Python overhead a call; a compile that failed would fall
+    back to eager in silence, so this says that it compiled, and that the compiled layers give the same bits."""
+    if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
+        pytest.skip(f"quantization engine {engine} is not in this torch build")
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    functions = (seq2seq.int8.packed_linear, seq2seq.int8.packed_scaled, seq2seq.int8.packed_feed_forward)
+    assert all(isinstance(seq2seq.int8.compiled(f), torch.jit.ScriptFunction) for f in functions)
+    torch.manual_seed(0)
+    ffn = seq2seq.int8.Int8FeedForward(seq2seq.model.FeedForward(32, 64))
+    x = torch.randn(2, 3, 32) * torch.logspace(-3, 3, 3)[:, None]  # (B, T, D), rows of very different sizes
+    with torch.no_grad():
+        compiled_out = ffn(x), ffn.w1(x)
+        assert ffn.w1.kernel == ("fixed" if engine == "x86" else "dynamic")
+        monkeypatch.setattr(seq2seq.int8, "compiled", lambda function: function)  # eager
+        assert all(torch.equal(a, b) for a, b in zip(compiled_out, (ffn(x), ffn.w1(x))))
+
+
+def varargs(*xs):  # TorchScript compiles no *args
+    return xs
+
+
+def test_what_torchscript_cannot_compile_runs_eager():
+    assert seq2seq.int8.compiled(varargs) is varargs
+
+
 @pytest.mark.parametrize("speedup, pays", [(1.2, True), (0.97, True), (0.9, False)])
 def test_onednn_is_used_unless_its_product_times_clearly_slower(speedup, pays, monkeypatch):
     """Its timing wanders by +-20% on a virtual machine: only a clearly slower oneDNN leaves the work to fbgemm."""
