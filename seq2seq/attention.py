@@ -48,6 +48,11 @@ def decoding_step_on_cpu(query: torch.Tensor) -> bool:
             and query.numel() >= STEP_MIN_VECTORS * query.size(-1))
 
 
+def kernel_unchanged(attention: "MultiHeadAttention") -> bool:
+    """Whether a MultiHeadAttention computes its plain output: no weights stored or recorded, no head switched off."""
+    return attention.record is None and not attention.store_weights and attention.head_gate is None
+
+
 def attention_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Q K^T / sqrt(d_head): how relevant each key is to each query, by dot product. (B, H, T, S)"""
     return query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))

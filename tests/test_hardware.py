@@ -16,8 +16,8 @@ from seq2seq.hardware import (Machine, choose_precision, cpu_budget, cpu_int8_ke
                               precision_name, resolve_device, rows_per_block, share_cpu_budget,
                               training_accelerator, training_precision)
 from seq2seq.int8 import Int8Linear, Int8SelfAttention, Int8Transformer, int8_kernel, int_mm_exact
-from seq2seq.model import Transformer
-from seq2seq.search import SearchConfig, beam_search
+from seq2seq.model import ModelConfig, Transformer
+from seq2seq.search import SearchConfig, beam_search, search_batch
 from seq2seq.translator import Translator
 from tests.conftest import run_py
 
@@ -446,6 +446,55 @@ def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, ker
         [hyps_alone] = beam_search(int8, alone, tiny_model.pad_mask(alone), search)
         assert [tokens for tokens, _ in hyps] == [tokens for tokens, _ in hyps_alone]
         assert [score for _, score in hyps] == pytest.approx([score for _, score in hyps_alone], abs=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, engine, monkeypatch):
+    """Each decoder layer of a small step in one TorchScript call: the same n-best lists and the same scores, bit
+    for bit, as the eager layers, through beam reorders, dropped sentences, padding and a forced prefix; and the
+    compiled call is what ran."""
+    if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
+        pytest.skip(f"quantization engine {engine} is not in this torch build")
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, pad_id=0, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=2,
+                      dropout=0.0, pre_norm=pre_norm, max_len=64)
+    int8 = Int8Transformer(Transformer(cfg).eval())
+    src = torch.randint(4, cfg.vocab_size, (5, 9))
+    src[1, 4:], src[3, 2:] = cfg.pad_id, cfg.pad_id
+    prefix = torch.full((5, 2), -1)
+    prefix[2] = torch.tensor([7, 8])
+    calls = []
+    layer_step = seq2seq.int8.compiled(seq2seq.int8.packed_decoder_layer)
+    monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(1) or layer_step(*a))
+                        if f is seq2seq.int8.packed_decoder_layer else f)
+    searches = [SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8), SearchConfig(beam_size=1)]
+    compiled = [search_batch(int8, src, search, prefix) for search in searches]
+    assert calls
+    monkeypatch.setattr(seq2seq.int8.Int8Transformer, "decode_step", Transformer.decode_step)  # the eager layers
+    assert compiled == [search_batch(int8, src, search, prefix) for search in searches]
+
+
+def test_int8_steps_compiled_whole_only_where_small_and_plain(monkeypatch):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, pad_id=0, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=1,
+                      dropout=0.0, pre_norm=True, max_len=64)
+    int8 = Int8Transformer(Transformer(cfg).eval())
+    if not int8.decoder_layers[0].ffn.w1.packed_for(1):
+        pytest.skip("this torch's int8 products do not go through packed weights")
+    calls = []
+    monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(len(a[0])) or f(*a))
+                        if f is seq2seq.int8.packed_decoder_layer else f)
+    src = torch.randint(4, cfg.vocab_size, (200, 6))
+    with torch.no_grad():
+        for rows, store_weights in ((1, False), (127, False), (128, False), (1, True)):
+            calls.clear()
+            int8.decoder_layers[0].cross_attn.store_weights = store_weights
+            memory = int8.encode(src[:rows], int8.pad_mask(src[:rows]))
+            int8.decode_step(torch.ones(rows, 1, dtype=torch.long), memory, None, [{}])
+            compiled_whole = rows * cfg.n_heads < seq2seq.attention.STEP_MIN_VECTORS and not store_weights
+            assert (rows in calls) == compiled_whole, (rows, store_weights, calls)
 
 
 @pytest.mark.slow
