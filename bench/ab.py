@@ -11,9 +11,11 @@ machine's drift lands on both: the median of the per-round ratios, and their ran
     python bench/ab.py seq2seq.search:greedy_search --task decode ... --beam-size 1 --batch-lines 1 --lines 64
 
 A change that spans functions names each of them: they are swapped together. Each is swapped where seq2seq looks
-it up: on its class or module, and in every seq2seq module that imported it by name. A ratio above 1 means the
-working tree is faster. Decoding also says on how many lines A and B wrote the same translation, and how far
-apart their scores came; `--forced-len L` decodes every line for exactly L steps (bench/decode.py's forced cases).
+it up: on its class or module, and in every seq2seq module that imported it by name. A method that the revision's
+class does not define is A as the class inherits it (`seq2seq.int8:Int8Transformer.decode_step --rev a7d486a~1`).
+A ratio above 1 means the working tree is faster. Decoding also says on how many lines A and B wrote the same
+translation, and how far apart their scores came; `--forced-len L` decodes every line for exactly L steps
+(bench/decode.py's forced cases).
 """
 import argparse
 import importlib
@@ -73,15 +75,25 @@ def swapper(target: str, rev: str):
     except ImportError as e:
         raise ABError(f"{target}: {e}") from None
     owner, name = owner_and_name(live, qualname)
-    old_owner, _ = owner_and_name(module_at_revision(module_name, rev), qualname)
-    versions = {"A": vars(old_owner)[name], "B": vars(owner)[name]}  # as stored: a staticmethod stays one
+    old_module = module_at_revision(module_name, rev)
+    try:
+        old_owner, _ = owner_and_name(old_module, qualname)
+        old = vars(old_owner)[name]  # as stored: a staticmethod stays one
+    except ABError:
+        if not isinstance(owner, type):
+            raise
+        old = None  # a method the revision's class does not define: A is what the class inherits
+    versions = {"A": old, "B": vars(owner)[name]}
     # and the seq2seq modules that did `from module import name` hold the same object under the same name
     holders = [owner] + [m for m in list(sys.modules.values()) if m is not None and m is not owner
                          and m.__name__.startswith("seq2seq") and vars(m).get(name) is versions["B"]]
 
     def impl(which: str) -> None:
         for holder in holders:
-            setattr(holder, name, versions[which])
+            if versions[which] is not None:
+                setattr(holder, name, versions[which])
+            elif name in vars(holder):
+                delattr(holder, name)
     return impl
 
 

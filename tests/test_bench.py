@@ -154,6 +154,23 @@ def test_ab_names_what_it_cannot_compare(target, message):
         ab.swapper(target, "HEAD")
 
 
+def test_ab_times_a_method_new_to_a_class_against_what_the_class_inherited(monkeypatch):
+    import seq2seq.int8
+    from seq2seq.model import Transformer
+    ab = load_ab()
+    revision = type(sys)("seq2seq.int8@old")
+    revision.Int8Transformer = type("Int8Transformer", (Transformer,), {})  # no decode_step of its own yet
+    monkeypatch.setattr(ab, "module_at_revision", lambda module_name, rev: revision)
+    compiled_step = seq2seq.int8.Int8Transformer.decode_step
+    use = ab.swapper("seq2seq.int8:Int8Transformer.decode_step", "old")
+    use("A")
+    assert seq2seq.int8.Int8Transformer.decode_step is Transformer.decode_step
+    use("B")
+    assert seq2seq.int8.Int8Transformer.decode_step is compiled_step
+    with pytest.raises(ab.ABError, match="has no no_such_function"):  # a module's function still must exist
+        ab.swapper("seq2seq.search:no_such_function", "HEAD")
+
+
 def test_ab_names_a_revision_git_does_not_know():
     ab = load_ab()
     with pytest.raises(ab.ABError, match="no_such_revision"):
