@@ -165,8 +165,8 @@ def main():
         fastest = {system: [min(seconds[system, s][r] for s in settings) for r in range(args.rounds)]
                    for system in systems}  # each round, each system at its fastest setting
         ratios = [ct2 / ours_s for ours_s, ct2 in zip(fastest["seq2seq"], fastest["CT2"])]
-        best = {system: min(args.single, len(lines)) if single else len(lines) for system in systems}
-        best = {system: best[system] / min(s) for system, s in fastest.items()}
+        sentences = min(args.single, len(lines)) if single else len(lines)
+        best = {system: sentences / min(s) for system, s in fastest.items()}
         print(f"{name:<18} {best['seq2seq']:>15.1f} {best['CT2']:>11.1f} {statistics.median(ratios):>12.2f}x "
               f"{min(ratios):>5.2f}x {max(ratios):>5.2f}x", flush=True)
         fastest_budgets.append(f"{name}: " + ", ".join(

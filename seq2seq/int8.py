@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.attention import STEP_MIN_VECTORS, KVCache, MultiHeadAttention, kernel_unchanged
+from seq2seq.attention import STEP_MIN_VECTORS, KVCache, MultiHeadAttention, keep_mask, kernel_unchanged
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import FeedForward, Transformer
 
@@ -105,12 +105,13 @@ def onednn_speedup(d_model: int = 256) -> float:
     stack = [Int8Linear(nn.Linear(d_in, d_out)) for d_in, d_out in shapes]
     rows = {d_in: torch.rand(2 * ONEDNN_ROWS, d_in) * 2 - 1 for d_in in (d_model, 4 * d_model)}
     best = {"fbgemm_product": float("inf"), "onednn_product": float("inf")}
-    for run in range(6):  # the first: the warm-up
+    for run in range(6):
         for product in best:
             start = time.perf_counter()
             for layer in stack:
                 getattr(layer, product)(rows[layer.in_features])
-            best[product] = min(best[product], time.perf_counter() - start) if run else best[product]
+            if run:  # the first pass is the warm-up
+                best[product] = min(best[product], time.perf_counter() - start)
     return best["fbgemm_product"] / best["onednn_product"]
 
 
@@ -256,9 +257,8 @@ class Int8Linear(nn.Module):
         return self.kernel == "dynamic" or self.kernel == "fixed" and not (rows >= ONEDNN_ROWS and onednn_pays())
 
     def scaled(self, rows: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """x W^T + b from rows = x / row_scale (..., in), each in [-1, 1], and row_scale (..., 1)."""
-        if self.through_packed(rows):
-            return compiled(packed_scaled)(rows, row_scale, self.packed, self.bias, self.kernel == "dynamic")
+        """x W^T + b from rows = x / row_scale (..., in), each in [-1, 1], and row_scale (..., 1), for a call that
+        does not go through the packed weights (`through_packed`: those take `packed_linear` whole)."""
         if self.kernel == "fixed":
             y = self.onednn_product(rows)
         else:
@@ -377,7 +377,7 @@ class Int8Transformer(Transformer):
             return super().decode_step(tgt_in, memory, src_pad_mask, cache)
         step = cache[0]["self"].length if cache[0] else 0
         y = self.embed_tokens(tgt_in, start=step)  # (B*G, 1, D)
-        memory_keep = None if src_pad_mask is None else ~src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
+        memory_keep = keep_mask(src_pad_mask, False, 1, memory.size(1), memory.device)  # (B, 1, 1, S) or None
         for layer, weights, layer_cache in zip(layers, self.step_weights, cache):
             past, cross = layer_cache.setdefault("self", KVCache()), layer_cache.setdefault("cross", {})
             if "key" not in cross:
