@@ -19,6 +19,7 @@ translation, and how far apart their scores came; `--forced-len L` decodes every
 """
 import argparse
 import importlib
+import linecache
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,10 @@ def module_at_revision(module_name: str, rev: str) -> types.ModuleType:
         raise ABError(f"{rev}:{path}: {shown.stderr.strip() or 'not in git'}")
     module = types.ModuleType(f"{module_name}@{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up here
-    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    filename = f"{rev}:{path}"
+    # inspect reads the source from here: TorchScript compiles from it (int8's `compiled` runs eager without it)
+    linecache.cache[filename] = (len(shown.stdout), None, shown.stdout.splitlines(keepends=True), filename)
+    exec(compile(shown.stdout, filename, "exec"), module.__dict__)
     return module
 
 
@@ -63,6 +67,19 @@ def owner_and_name(module: types.ModuleType, qualname: str) -> tuple[object, str
     if owner is None or name not in vars(owner):
         raise ABError(f"{module.__name__} has no {qualname}")
     return owner, name
+
+
+def bound_to_class(method: types.FunctionType, owner: type) -> types.FunctionType:
+    """The revision's method with its zero-argument super() looking up the live class: it was compiled in a class
+    of the revision's own module, of which the live objects are no instance."""
+    if "__class__" not in method.__code__.co_freevars:
+        return method
+    cells = [types.CellType(owner) if var == "__class__" else cell
+             for var, cell in zip(method.__code__.co_freevars, method.__closure__)]
+    rebound = types.FunctionType(method.__code__, method.__globals__, method.__name__, method.__defaults__,
+                                 tuple(cells))
+    rebound.__kwdefaults__, rebound.__qualname__ = method.__kwdefaults__, method.__qualname__
+    return rebound
 
 
 def swapper(target: str, rev: str):
@@ -83,6 +100,8 @@ def swapper(target: str, rev: str):
         if not isinstance(owner, type):
             raise
         old = None  # a method the revision's class does not define: A is what the class inherits
+    if isinstance(owner, type) and isinstance(old, types.FunctionType):
+        old = bound_to_class(old, owner)
     versions = {"A": old, "B": vars(owner)[name]}
     # and the seq2seq modules that did `from module import name` hold the same object under the same name
     holders = [owner] + [m for m in list(sys.modules.values()) if m is not None and m is not owner

@@ -18,7 +18,7 @@ products that cannot saturate): measured 0.94-0.98x the fbgemm path, still 1.2x 
 import functools
 import time
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -149,31 +149,29 @@ def packed_feed_forward(x: torch.Tensor, packed1: "torch.classes.quantized.Linea
     return packed_scaled(h.div_(h_scale), h_scale, packed2, bias2, dynamic)
 
 
-def packed_decoder_layer(y: torch.Tensor, past_key: Optional[torch.Tensor], past_value: Optional[torch.Tensor],
-                         order: Optional[torch.Tensor], cross_key: torch.Tensor, cross_value: torch.Tensor,
+def packed_decoder_layer(y: torch.Tensor, storage: torch.Tensor, past: int,
+                         cross_key: torch.Tensor, cross_value: torch.Tensor,
                          memory_keep: Optional[torch.Tensor], norms: List[torch.Tensor], eps: float,
                          packed: List["torch.classes.quantized.LinearPackedParamsBase"],
                          biases: List[Optional[torch.Tensor]], n_heads: int, pre_norm: bool,
-                         dynamic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         dynamic: bool) -> torch.Tensor:
     """One decoding step of a DecoderLayer whose linear layers all go through packed weights, in one call: the same
     operations, in the same order, as its eager forward with SDPA (a small step: `Int8Transformer.decode_step`).
 
-    Args: y (B*G, 1, D), G rows per memory row; past_key, past_value (B*G, H, S, d_head) or None, `order` the rows of
-    them to keep (KVCache.reorder) or None; cross_key, cross_value (B, H, S_src, d_head); memory_keep (B, 1, 1, S_src)
-    True where a row may attend, or None; norms the three sublayers' LayerNorm weight and bias; packed and biases
-    of W_QKV, W_O, cross W_Q, cross W_O, W_1, W_2.
-    Returns: y (B*G, 1, D), and all keys and values (B*G, H, S + 1, d_head) for the cache.
+    Args: y (B*G, T, D), G rows per memory row; storage (room, 2, B*G, H, d_head) the KVCache's keys and values,
+    its first `past` positions filled, with room for T more (KVCache.reserve), which this writes; cross_key, cross_value
+    (B, H, S_src, d_head); memory_keep (B, 1, 1, S_src) True where a row may attend, or None; norms the three
+    sublayers' LayerNorm weight and bias; packed and biases of W_QKV, W_O, cross W_Q, cross W_O, W_1, W_2.
+    Returns: y (B*G, T, D).
     """
     rows, T, D = y.shape
     B = cross_key.size(0)
     h = F.layer_norm(y, [D], norms[0], norms[1], eps) if pre_norm else y
     query, key, value = [t.view(rows, T, n_heads, D // n_heads).transpose(1, 2)
                          for t in packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)]
-    if past_key is not None and past_value is not None:  # KVCache.append: the kept rows, then the new position
-        if order is not None:
-            past_key, past_value = past_key.index_select(0, order), past_value.index_select(0, order)
-        key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
-    if key.size(2) == T:
+    storage[past:past + T, 0], storage[past:past + T, 1] = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)
+    key, value = storage[:past + T, 0].permute(1, 2, 0, 3), storage[:past + T, 1].permute(1, 2, 0, 3)  # KVCache.key
+    if past == 0:
         context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
     else:  # one new position sees every key: no mask
         context = F.scaled_dot_product_attention(query, key, value)
@@ -189,7 +187,7 @@ def packed_decoder_layer(y: torch.Tensor, past_key: Optional[torch.Tensor], past
     h = F.layer_norm(y, [D], norms[4], norms[5], eps) if pre_norm else y
     f = packed_feed_forward(h, packed[4], biases[4], packed[5], biases[5], dynamic)
     y = y + f if pre_norm else F.layer_norm(y + f, [D], norms[4], norms[5], eps)
-    return y, key, value
+    return y
 
 
 @functools.cache
@@ -382,9 +380,10 @@ class Int8Transformer(Transformer):
             past, cross = layer_cache.setdefault("self", KVCache()), layer_cache.setdefault("cross", {})
             if "key" not in cross:
                 cross["key"], cross["value"] = layer.cross_attn.project_memory(memory)
-            y, key, value = compiled(packed_decoder_layer)(y, past.key, past.value, past.order, cross["key"],
-                                                           cross["value"], memory_keep, *weights)
-            past.key, past.value, past.order = key, value, None
+            shape = (y.size(0), self.cfg.n_heads, 1, self.cfg.d_model // self.cfg.n_heads)  # the new keys'
+            y = compiled(packed_decoder_layer)(y, past.reserve(shape, y), past.length, cross["key"], cross["value"],
+                                               memory_keep, *weights)
+            past.length += 1
         return self.decoder_norm(y)[:, -1]
 
 

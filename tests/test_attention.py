@@ -137,18 +137,33 @@ def test_cross_attention_takes_keys_and_values_from_memory_only():
 
 
 def test_kv_cache_equals_reordering_and_concatenating():
-    """Appends and beam reorders (rows repeat, rows leave, two reorders in a row) against torch.cat/index_select."""
+    """Appends and beam reorders (rows repeat, rows leave, two reorders in a row), past its first room of 16
+    positions, against torch.cat/index_select; an append without a reorder writes in place while it has room."""
     cache, expected = KVCache(), None
-    steps = [(4, None), (4, torch.tensor([2, 2, 0, 3])), (3, torch.tensor([1, 0, 0])), (3, None)]
+    steps = [(4, None), (4, torch.tensor([2, 2, 0, 3])), (3, torch.tensor([1, 0, 0])), (3, None)] + [(3, None)] * 20
     for rows, order in steps:
         if order is not None:
             cache.reorder(order)
             expected = expected.index_select(0, order)
         key = torch.randn(rows, 2, 1, 8)
         expected = key if expected is None else torch.cat([expected, key], dim=2)
+        storage = cache.storage
         keys, values = cache.append(key, -key)
-        assert torch.equal(keys, expected) and torch.equal(values, -expected) and keys.is_contiguous()
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        assert cache.length == expected.size(2) and torch.equal(cache.key, keys)
+        moved = storage is None or order is not None or expected.size(2) > storage.size(0)
+        assert (cache.storage is not storage) == moved
     cache.reorder(torch.tensor([2, 1, 0]))
     cache.reorder(torch.tensor([0, 0, 1]))
     keys, _ = cache.append(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
     assert torch.equal(keys[:, :, :-1], expected[[2, 2, 1]])
+
+
+def test_kv_cache_takes_a_prefix_of_several_positions():
+    """A forced prefix enters as T > 1 positions at once, then one position a step."""
+    cache = KVCache()
+    prefix, step = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 1, 8)
+    cache.append(prefix, prefix * 2)
+    keys, values = cache.append(step, step * 2)
+    torch.testing.assert_close(keys, torch.cat([prefix, step], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([prefix, step], dim=2) * 2, rtol=0, atol=0)
