@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -169,6 +170,37 @@ def test_ab_times_a_method_new_to_a_class_against_what_the_class_inherited(monke
     assert seq2seq.int8.Int8Transformer.decode_step is compiled_step
     with pytest.raises(ab.ABError, match="has no no_such_function"):  # a module's function still must exist
         ab.swapper("seq2seq.search:no_such_function", "HEAD")
+
+
+def test_ab_lets_a_revisions_method_call_super_on_the_live_class():
+    """A method compiled in the revision's own class finds that class in its super(); the live objects are no
+    instance of it, so the swapped-in method is rebound to the live class."""
+    ab = load_ab()
+
+    class Base:
+        def name(self):
+            return "base"
+
+    class Live(Base):
+        def name(self):
+            return "live"
+
+    class Revision(Base):  # what module_at_revision builds: a class of the same name, not the same class
+        def name(self):
+            return "revision of " + super().name()
+
+    with pytest.raises(TypeError):
+        Revision.name(Live())
+    assert ab.bound_to_class(vars(Revision)["name"], Live)(Live()) == "revision of base"
+
+
+def test_ab_gives_torchscript_the_revisions_source():
+    """int8's compiled() runs a function eager where TorchScript finds no source: a revision's functions must
+    compile as the working tree's do, or A is timed eager against a compiled B."""
+    ab = load_ab()
+    revision = ab.module_at_revision("seq2seq.int8", "HEAD")
+    assert "def packed_linear" in inspect.getsource(revision.packed_linear)
+    assert isinstance(revision.compiled(revision.packed_linear), torch.jit.ScriptFunction)
 
 
 def test_ab_names_a_revision_git_does_not_know():

@@ -469,7 +469,8 @@ def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_nor
     layer_step = seq2seq.int8.compiled(seq2seq.int8.packed_decoder_layer)
     monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(1) or layer_step(*a))
                         if f is seq2seq.int8.packed_decoder_layer else f)
-    searches = [SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8), SearchConfig(beam_size=1)]
+    searches = [SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8), SearchConfig(beam_size=1),
+                SearchConfig(beam_size=2, max_len_a=0, max_len_b=24, min_len=24)]  # past the cache's first room
     compiled = [search_batch(int8, src, search, prefix) for search in searches]
     assert calls
     monkeypatch.setattr(seq2seq.int8.Int8Transformer, "decode_step", Transformer.decode_step)  # the eager layers
