@@ -114,15 +114,16 @@ class KVCache:
         filled."""
         rows, heads, new, d_head = shape
         S, past, order = self.length, self.storage, self.order
-        if past is not None and order is None and S + new <= past.size(0):
+        fits = past is not None and S + new <= past.size(0)
+        if fits and order is None:
             return past
-        room = past.size(0) if past is not None and S + new <= past.size(0) else \
-            max(2 * (S + new), 16)  # grows by doubling
+        room = past.size(0) if fits else max(2 * (S + new), 16)  # grows by doubling
         storage_shape = (room, 2, rows, heads, d_head)
-        if order is not None and self.spare is not None and self.spare.numel() >= math.prod(storage_shape):
+        size = math.prod(storage_shape)
+        if order is not None and self.spare is not None and self.spare.numel() >= size:
             # a reorder gathers into the storage the one before it left: no fresh pages to fault in
             storage = self.spare if self.spare.shape == storage_shape else \
-                self.spare.view(-1)[:math.prod(storage_shape)].view(storage_shape)
+                self.spare.view(-1)[:size].view(storage_shape)
         else:
             storage = like.new_empty(storage_shape)
         if past is not None and order is not None:

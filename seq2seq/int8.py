@@ -376,12 +376,12 @@ class Int8Transformer(Transformer):
         step = cache[0]["self"].length if cache[0] else 0
         y = self.embed_tokens(tgt_in, start=step)  # (B*G, 1, D)
         memory_keep = keep_mask(src_pad_mask, False, 1, memory.size(1), memory.device)  # (B, 1, 1, S) or None
+        new_keys = (y.size(0), self.cfg.n_heads, 1, self.cfg.d_model // self.cfg.n_heads)  # each layer's new keys
         for layer, weights, layer_cache in zip(layers, self.step_weights, cache):
             past, cross = layer_cache.setdefault("self", KVCache()), layer_cache.setdefault("cross", {})
             if "key" not in cross:
                 cross["key"], cross["value"] = layer.cross_attn.project_memory(memory)
-            shape = (y.size(0), self.cfg.n_heads, 1, self.cfg.d_model // self.cfg.n_heads)  # the new keys'
-            y = compiled(packed_decoder_layer)(y, past.reserve(shape, y), past.length, cross["key"], cross["value"],
+            y = compiled(packed_decoder_layer)(y, past.reserve(new_keys, y), past.length, cross["key"], cross["value"],
                                                memory_keep, *weights)
             past.length += 1
         return self.decoder_norm(y)[:, -1]
