@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from seq2seq import Seq2SeqError
-from seq2seq.hardware import machine_report, synchronize, this_machine
+from seq2seq.hardware import keep_freed_memory, machine_report, synchronize, this_machine
 
 CASES = [("greedy", 1), ("beam5", 5)]
 
@@ -203,6 +203,7 @@ def main():
     args = parser.parse_args()
     lines = test_lines(args.data_url, args.ckpt)[:args.limit]
     if args.child:
+        keep_freed_memory()  # every system with the malloc the machine line names, not ours alone
         rows = {"seq2seq": run_ours, "marian": run_marian, "ctranslate2": run_ctranslate2}[args.child](args, lines)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps([dict(r, peak_rss_mb=rss) for r in rows]))

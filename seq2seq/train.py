@@ -23,7 +23,8 @@ from seq2seq.config import build_config, run_config
 from seq2seq.corpora import DataConfig
 from seq2seq.datamodule import TranslationDataModule
 from seq2seq.files import write_text
-from seq2seq.hardware import share_cpu_budget, this_machine, training_accelerator, training_precision
+from seq2seq.hardware import (share_cpu_budget, this_machine, training_accelerator, training_precision,
+                              use_freed_memory)
 from seq2seq.lit_module import (MONITOR, BudgetSchedule, OptimConfig, TokenThroughput, TranslationModule,
                                 ValidationClock)
 from seq2seq.metrics import bleu_tokenize
@@ -169,6 +170,7 @@ def train_job(cfg: DictConfig) -> float:
         raise Seq2SeqError(f"trainer: {e}") from None
 
     log.info("machine: %s", this_machine().describe())
+    use_freed_memory()  # each step's activations in the memory the step before freed, not fresh pages
     log.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, out))

@@ -13,7 +13,8 @@ from seq2seq import Seq2SeqError
 from seq2seq.checkpoint import TextInfo, load_model
 from seq2seq.corpora import clean_line
 from seq2seq.data import LengthOrderSampler, TokenBatchSampler
-from seq2seq.hardware import AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine
+from seq2seq.hardware import (AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine,
+                              use_freed_memory)
 from seq2seq.ensemble import Ensemble
 from seq2seq.int8 import int8_copy
 from seq2seq.search import SearchConfig, search_batch
@@ -79,6 +80,7 @@ class Translator:
         precision, reason = choose_precision(search.precision, self.device.type, training=False,
                                              machine=this_machine(), d_model=self.model.cfg.d_model)
         log_choice(f"decoding precision {precision}: {reason}")
+        use_freed_memory()  # each batch's buffers in the memory the one before freed, not fresh pages
         if precision in AUTOCAST_DTYPE:
             with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
                 yield self.model

@@ -104,6 +104,70 @@ def test_cpu_processes_share_a_quota_instead_of_the_cores(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
+class FakeLibc:
+    """Records mallopt calls; answers as glibc does (1: taken)."""
+
+    def __init__(self, answer: int = 1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return self.answer
+
+
+@pytest.fixture
+def clean_malloc_env(monkeypatch):
+    """No malloc settings of the user's in the environment, and glibc's answers faked."""
+    for name in list(os.environ):
+        if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD", seq2seq.hardware.MALLOC_OPT_OUT):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(seq2seq.hardware.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(seq2seq.hardware.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    libc = FakeLibc()
+    monkeypatch.setattr(seq2seq.hardware, "c_library", lambda: libc)
+    return libc
+
+
+def test_glibc_keeps_freed_memory_unless_the_user_set_malloc(clean_malloc_env, monkeypatch):
+    """Both thresholds raised (mmap: big buffers from the heap; trim: the heap kept), where nobody chose otherwise."""
+    keep = seq2seq.hardware.keep_freed_memory.__wrapped__  # not the once-a-process answer
+    assert "keeping freed memory" in keep()
+    kept = seq2seq.hardware.KEPT_BYTES
+    assert clean_malloc_env.calls == [(seq2seq.hardware.M_MMAP_THRESHOLD, kept),
+                                      (seq2seq.hardware.M_TRIM_THRESHOLD, kept)]
+    for name, value, said in [("MALLOC_ARENA_MAX", "2", "MALLOC_ARENA_MAX=2"),
+                              ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0", "GLIBC_TUNABLES"),
+                              ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2", "libjemalloc"),
+                              (seq2seq.hardware.MALLOC_OPT_OUT, "system", "at its defaults")]:
+        clean_malloc_env.calls.clear()
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert said in keep()
+        assert clean_malloc_env.calls == []
+    monkeypatch.setattr(seq2seq.hardware.platform, "libc_ver", lambda: ("", ""))  # musl, say
+    assert "not glibc" in keep() and clean_malloc_env.calls == []
+    monkeypatch.setattr(seq2seq.hardware, "c_library", lambda: FakeLibc(answer=0))
+    monkeypatch.setattr(seq2seq.hardware.platform, "libc_ver", lambda: ("glibc", "2.17"))
+    assert "defaults" in keep()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"),
+                    reason="the page-fault count of a glibc Linux process")
+def test_kept_memory_serves_the_next_big_buffer_without_page_faults():
+    """The real glibc: a 64 MB buffer freed and asked for again. At glibc's defaults (over its 32 MB ceiling: mmap'd)
+    every one of its 16,384 pages faults in again each time; with the memory kept, almost none do."""
+    import resource
+
+    if seq2seq.hardware.platform.libc_ver()[0] != "glibc" or seq2seq.hardware.users_malloc_settings():
+        pytest.skip("glibc's malloc at the user's own settings")
+    seq2seq.hardware.keep_freed_memory.__wrapped__()
+    faults = []
+    for _ in range(5):  # the first few may go to grow the heap
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2 ** 20)  # 64 MB, written
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert faults[-1] < 1000, faults
+
 def test_the_reason_names_what_the_cpu_lacks():
     assert choose_precision("auto", "cpu", True, AVX2) == ("32", "this CPU has no native bf16 (AVX2)")
 
@@ -562,8 +626,8 @@ def test_run_py_machine_says_what_auto_picks(machine, d_model, expected):
 
 @pytest.mark.slow
 def test_run_py_machine(smoke_run):
-    """The machine line, threads, int8 kernel, peaks and auto's choices for a checkpoint's width, as this
-    process's own probe decides them; a missing checkpoint is one line."""
+    """The machine line, threads, int8 kernel, peaks, malloc's state and auto's choices for a checkpoint's width, as
+    this process's own probe decides them; a missing checkpoint is one line."""
     proc = run_py("machine", f"ckpt={smoke_run}/checkpoints/best.ckpt")
     assert proc.returncode == 0, proc.stderr
     machine = seq2seq.hardware.this_machine()
@@ -571,7 +635,8 @@ def test_run_py_machine(smoke_run):
     assert out[0] == f"machine: {machine.describe()}"
     assert out[1].startswith("threads: ") and out[2].startswith("int8 kernel: ")
     assert out[3].startswith("CPU matmul peak: fp32 ")
-    assert out[4:] == seq2seq.hardware.auto_choices(machine, 64)  # the smoke model's width
+    assert out[4] == f"memory: {seq2seq.hardware.keep_freed_memory()}"
+    assert out[5:] == seq2seq.hardware.auto_choices(machine, 64)  # the smoke model's width
     proc = run_py("machine", "ckpt=no/such.ckpt", "peaks=false")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: no/such.ckpt: checkpoint not found"]
 
