@@ -478,12 +478,12 @@ def machine_command(d_model: int | None, peaks: bool) -> None:
     if int8_kernel() == "fixed" and onednn_qlinear():
         lines[-1] += (f"; oneDNN's from {ONEDNN_ROWS} rows a call, timed no slower here" if onednn_pays() else
                       "; oneDNN's timed slower here")
-    if not peaks:  # machine_report's last line says it
-        lines.append(f"memory: {keep_freed_memory()}")
-    if peaks:
+    if peaks:  # machine_report's lines: the peaks, then malloc's state
         lines += machine_report(machine).splitlines()[1:]
         if machine.cuda:
-            lines += machine_report(machine, "cuda").splitlines()[1:]
+            lines += machine_report(machine, "cuda").splitlines()[1:-1]
+    else:
+        lines.append(f"memory: {keep_freed_memory()}")
     print("\n".join(lines + auto_choices(machine, d_model)), flush=True)
 
 
