@@ -151,8 +151,7 @@ def test_glibc_keeps_freed_memory_unless_the_user_set_malloc(clean_malloc_env, m
     assert "defaults" in keep()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"),
-                    reason="the page-fault count of a glibc Linux process")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the page-fault count of a glibc Linux process")
 def test_kept_memory_serves_the_next_big_buffer_without_page_faults():
     """The real glibc: a 64 MB buffer freed and asked for again. At glibc's defaults (over its 32 MB ceiling: mmap'd)
     every one of its 16,384 pages faults in again each time; with the memory kept, almost none do."""
@@ -167,6 +166,7 @@ def test_kept_memory_serves_the_next_big_buffer_without_page_faults():
         torch.ones(16 * 2 ** 20)  # 64 MB, written
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults[-1] < 1000, faults
+
 
 def test_the_reason_names_what_the_cpu_lacks():
     assert choose_precision("auto", "cpu", True, AVX2) == ("32", "this CPU has no native bf16 (AVX2)")
