@@ -153,19 +153,23 @@ def test_glibc_keeps_freed_memory_unless_the_user_set_malloc(clean_malloc_env, m
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the page-fault count of a glibc Linux process")
 def test_kept_memory_serves_the_next_big_buffer_without_page_faults():
-    """The real glibc: a 64 MB buffer freed and asked for again. At glibc's defaults (over its 32 MB ceiling: mmap'd)
-    every one of its 16,384 pages faults in again each time; with the memory kept, almost none do."""
+    """The real glibc: a 64 MB buffer freed, then a 48 MB one asked for, three times. At glibc's defaults (over its
+    32 MB ceiling: mmap'd) every one of the 48 MB's 12,288 pages faults in each time; with the memory kept, it lies in
+    the 64 MB just freed and almost none do. (Not 64 MB again, nor 48 MB after 48 MB: an aligned request of a freed
+    block's own size may not fit the hole it left once a small allocation has taken a few bytes of it, and then the
+    heap grows instead.)"""
     import resource
 
     if seq2seq.hardware.platform.libc_ver()[0] != "glibc" or seq2seq.hardware.users_malloc_settings():
         pytest.skip("glibc's malloc at the user's own settings")
     seq2seq.hardware.keep_freed_memory.__wrapped__()
     faults = []
-    for _ in range(5):  # the first few may go to grow the heap
+    for _ in range(3):
+        torch.ones(16 * 2 ** 20)  # 64 MB, written, freed
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(16 * 2 ** 20)  # 64 MB, written
+        torch.ones(12 * 2 ** 20)  # 48 MB, written
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    assert faults[-1] < 1000, faults
+    assert max(faults) < 1000, faults
 
 
 def test_the_reason_names_what_the_cpu_lacks():
