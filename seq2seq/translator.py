@@ -21,11 +21,11 @@ from seq2seq.search import SearchConfig, search_batch
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
-# Lines are tokenized on one thread. SentencePiece starts a pool of threads at each call with a list, and beside
-# torch's OpenMP threads, which spin on the cores for a while after each parallel op, its threads wait for a core:
-# one line took 1.1-2.3 ms (median) that way inside a translate call on 2 cores, 0.075 ms on one thread. A batch
-# takes about a thousand times longer to translate than to tokenize (500 lines: 1.8 ms of 1.3-1.8 s), so the
-# pool saves nothing there either.
+# Lines are tokenized on one thread, line by line. SentencePiece starts a pool of threads at each call with a list,
+# and beside torch's OpenMP threads, which spin on the cores for a while after each parallel op, its threads wait for
+# a core: one line took 1.1-2.3 ms (median) that way inside a translate call on 2 cores (a pool of one thread too),
+# 3 us as a string (seq2seq/tokenizer.py). A batch takes about a thousand times longer to translate than to tokenize
+# (500 lines: 1.8 ms of 1.3-1.8 s), so the pool saves nothing there either.
 ENCODE_THREADS = 1
 
 

@@ -477,20 +477,25 @@ def test_translate_leaves_out_greedy_scores_and_translate_nbest_keeps_them(tiny_
     assert [hyps[0][0] for hyps in nbest] == texts and all(hyps[0][1] < 0 for hyps in nbest)
 
 
-def test_translator_tokenizes_on_one_thread(tiny_model, tokenizer, monkeypatch):
-    """SentencePiece's thread pool, started at each call, waits for cores that torch's OpenMP threads spin on
-    (translator.ENCODE_THREADS): the translator asks for one thread, for the lines and for their prefixes."""
+def test_translator_calls_sentencepiece_a_string_at_a_time(tiny_model, tokenizer, monkeypatch):
+    """SentencePiece starts a pool of threads at each call with a list, even of one thread, and it waits for cores
+    that torch's OpenMP threads spin on (seq2seq/tokenizer.py): the translator encodes its lines and prefixes, and
+    decodes its translations, one string (one id list) a call."""
     from seq2seq.checkpoint import TextInfo
     from seq2seq.translator import Translator
 
-    asked, encode = [], tokenizer.sp.encode
-    monkeypatch.setattr(tokenizer.sp, "encode", lambda lines, num_threads=-1, **kw: asked.append(num_threads)
-                        or encode(lines, num_threads=num_threads, **kw))
+    calls, encode, decode = [], tokenizer.sp.encode, tokenizer.sp.decode
+    monkeypatch.setattr(tokenizer.sp, "encode", lambda x, **kw: calls.append(("encode", x)) or encode(x, **kw))
+    monkeypatch.setattr(tokenizer.sp, "decode", lambda x, **kw: calls.append(("decode", x)) or decode(x, **kw))
     info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
     translator = Translator(tiny_model, tokenizer, info, device="cpu")
-    translator.translate_nbest(["the cat sat on the mat .", "a dog ."], SearchConfig(beam_size=1, precision="32",
-                               max_len_b=4), prefixes=["", "a"])
-    assert asked == [1, 1]
+    out = translator.translate_nbest(["the cat sat on the mat .", "a dog ."], SearchConfig(
+        beam_size=2, nbest=2, precision="32", max_len_b=4), prefixes=["", "a"])
+    encoded = [x for kind, x in calls if kind == "encode"]
+    decoded = [x for kind, x in calls if kind == "decode"]
+    assert len(encoded) == 4 and all(isinstance(x, str) for x in encoded)  # two lines, two prefixes
+    assert len(decoded) == 4 and all(isinstance(i, int) for x in decoded for i in x)  # two translations a line
+    assert sorted(text for nbest in out for text, _ in nbest) == sorted(decode(x) for x in decoded)  # batch order
 
 
 @pytest.mark.parametrize("precision, inference", [("32", True), ("int8", True), ("bf16", False)])

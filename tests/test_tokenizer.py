@@ -19,6 +19,13 @@ def test_round_trip_after_cleaning(tokenizer, text):
         assert tokenizer.decode(tokenizer.encode([line])) == [line]
 
 
+def test_one_thread_encodes_line_by_line_alike(tokenizer):
+    """threads=1 encodes each string alone (no SentencePiece thread pool): the same ids as the batch call."""
+    lines = [clean_line(text, False) for text in TEXTS] + ["", "the cat"]
+    assert tokenizer.encode(lines, threads=1) == tokenizer.sp.encode(lines) == tokenizer.encode(lines)
+    assert tokenizer.decode(tokenizer.sp.encode(lines)) == tokenizer.sp.decode(tokenizer.sp.encode(lines)) == lines
+
+
 def test_special_ids_and_decode_stops_at_eos(tokenizer):
     ids = tokenizer.encode(["the cat"])[0]
     assert tokenizer.pad_id == PAD_ID == tokenizer.sp.pad_id()
