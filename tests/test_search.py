@@ -11,8 +11,9 @@ import seq2seq.search
 from seq2seq.attention import KVCache
 from seq2seq.ensemble import Ensemble
 from seq2seq.int8 import ONEDNN_ROWS, Int8Transformer
-from seq2seq.search import (CPU_LOGIT_ROWS, ENCODE_GROUP_ROWS, SearchConfig, beam_search, blockwise_topk,
-                            cpu_logit_rows, encode_by_length, greedy_search, search_batch, top_next_tokens)
+from seq2seq.search import (CPU_LOGIT_ROWS, ENCODE_GROUP_ROWS, GREEDY_BLOCKWISE_ROWS, SearchConfig, beam_search,
+                            blockwise_topk, cpu_logit_rows, encode_by_length, greedy_search, search_batch,
+                            top_next_tokens)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.conftest import HostSyncs, batch
 
@@ -355,6 +356,19 @@ def test_blockwise_topk_equals_topk(V):
     expected_values, expected_ids = x.topk(10, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
 
+
+def test_greedy_top1_is_the_same_for_a_row_alone_and_in_a_batch():
+    """Below GREEDY_BLOCKWISE_ROWS rows greedy's top-1 is `max`, from there the blocks: with maxima tied within a
+    block and across blocks, a row alone gets the id it gets in a batch (the first of the tied), so a line's
+    translation does not depend on how many lines share its batch."""
+    torch.manual_seed(0)
+    x = torch.randint(-40, 3, (GREEDY_BLOCKWISE_ROWS + 8, 7317)).float()  # the top value 2 some 50 times a row
+    x[::3, ::64] = 2.0  # and at the start of every block, in every third row
+    values, ids = blockwise_topk(x, 1)  # through the blocks
+    alone = [blockwise_topk(x[r:r + 1], 1) for r in range(len(x))]  # through max
+    assert torch.equal(ids, torch.cat([i for _, i in alone])) and torch.equal(values, torch.cat([v for v, _ in alone]))
+    first = (x == x.amax(dim=1, keepdim=True)).float().argmax(dim=1, keepdim=True)  # the first column at the max
+    assert torch.equal(ids, first)
 
 
 @pytest.mark.parametrize("pays", [True, False])
