@@ -519,7 +519,7 @@ def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, ker
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("engine", ["x86", "qnnpack"])
 def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, engine, monkeypatch):
-    """Each decoder layer of a small step in one TorchScript call: the same n-best lists and the same scores, bit
+    """The decoder layers of a small step in one TorchScript call: the same n-best lists and the same scores, bit
     for bit, as the eager layers, through beam reorders, dropped sentences, padding and a forced prefix; and the
     compiled call is what ran."""
     if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
@@ -534,9 +534,9 @@ def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_nor
     prefix = torch.full((5, 2), -1)
     prefix[2] = torch.tensor([7, 8])
     calls = []
-    layer_step = seq2seq.int8.compiled(seq2seq.int8.packed_decoder_layer)
+    layer_step = seq2seq.int8.compiled(seq2seq.int8.packed_decoder_layers)
     monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(1) or layer_step(*a))
-                        if f is seq2seq.int8.packed_decoder_layer else f)
+                        if f is seq2seq.int8.packed_decoder_layers else f)
     searches = [SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8), SearchConfig(beam_size=1),
                 SearchConfig(beam_size=2, max_len_a=0, max_len_b=24, min_len=24)]  # past the cache's first room
     compiled = [search_batch(int8, src, search, prefix) for search in searches]
@@ -554,7 +554,7 @@ def test_int8_steps_compiled_whole_only_where_small_and_plain(monkeypatch):
         pytest.skip("this torch's int8 products do not go through packed weights")
     calls = []
     monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(len(a[0])) or f(*a))
-                        if f is seq2seq.int8.packed_decoder_layer else f)
+                        if f is seq2seq.int8.packed_decoder_layers else f)
     src = torch.randint(4, cfg.vocab_size, (200, 6))
     with torch.no_grad():
         for rows, store_weights in ((1, False), (127, False), (128, False), (1, True)):
