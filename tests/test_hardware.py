@@ -516,19 +516,25 @@ def test_int8_beam_search_gives_each_sentence_what_it_gets_alone(tiny_model, ker
         assert [score for _, score in hyps] == pytest.approx([score for _, score in hyps_alone], abs=1e-5)
 
 
+def small_int8_model(engine: str, pre_norm: bool, monkeypatch, **layers) -> Int8Transformer:
+    """An int8 copy of a small random Transformer, on the quantization engine named (skipped where torch lacks it)."""
+    if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
+        pytest.skip(f"quantization engine {engine} is not in this torch build")
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, pad_id=0, d_model=32, n_heads=4, d_ff=64, dropout=0.0, pre_norm=pre_norm,
+                      max_len=64, **layers)
+    return Int8Transformer(Transformer(cfg).eval())
+
+
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("engine", ["x86", "qnnpack"])
 def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, engine, monkeypatch):
     """The decoder layers of a small step in one TorchScript call: the same n-best lists and the same scores, bit
     for bit, as the eager layers, through beam reorders, dropped sentences, padding and a forced prefix; and the
     compiled call is what ran."""
-    if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
-        pytest.skip(f"quantization engine {engine} is not in this torch build")
-    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, pad_id=0, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=2,
-                      dropout=0.0, pre_norm=pre_norm, max_len=64)
-    int8 = Int8Transformer(Transformer(cfg).eval())
+    int8 = small_int8_model(engine, pre_norm, monkeypatch, n_enc_layers=1, n_dec_layers=2)
+    cfg = int8.cfg
     src = torch.randint(4, cfg.vocab_size, (5, 9))
     src[1, 4:], src[3, 2:] = cfg.pad_id, cfg.pad_id
     prefix = torch.full((5, 2), -1)
@@ -543,6 +549,30 @@ def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_nor
     assert calls
     monkeypatch.setattr(seq2seq.int8.Int8Transformer, "decode_step", Transformer.decode_step)  # the eager layers
     assert compiled == [search_batch(int8, src, search, prefix) for search in searches]
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_int8_small_batches_encoded_whole_as_the_eager_layers_do(pre_norm, engine, monkeypatch):
+    """The encoder's layers of a small batch in one TorchScript call: the same memory, bit for bit, as the eager
+    layers, padding included; and only where the eager layers would run SDPA on packed weights (not at 8 positions
+    or fewer with many rows, where they take the explicit softmax, nor with weights asked for)."""
+    int8 = small_int8_model(engine, pre_norm, monkeypatch, n_enc_layers=2, n_dec_layers=1)
+    cfg = int8.cfg
+    calls = []
+    encoder = seq2seq.int8.compiled(seq2seq.int8.packed_encoder_layers)
+    monkeypatch.setattr(seq2seq.int8, "compiled", lambda f: (lambda *a: calls.append(a[0].shape[:2]) or encoder(*a))
+                        if f is seq2seq.int8.packed_encoder_layers else f)
+    for rows, length, store_weights, whole in ((5, 9, False, True), (1, 3, False, True), (200, 2, False, False),
+                                               (5, 9, True, False)):
+        src = torch.randint(4, cfg.vocab_size, (rows, length))
+        src[0, length // 2:] = cfg.pad_id  # a padded row
+        int8.encoder_layers[0].self_attn.store_weights = store_weights
+        calls.clear()
+        with torch.inference_mode():
+            memory = int8.encode(src, int8.pad_mask(src))
+            assert torch.equal(memory, Transformer.encode(int8, src, int8.pad_mask(src)))
+        assert (calls == [(rows, length)]) == whole, (rows, length, store_weights, calls)
 
 
 def test_int8_steps_compiled_whole_only_where_small_and_plain(monkeypatch):
