@@ -42,10 +42,16 @@ def keep_mask(key_pad_mask: torch.Tensor | None, causal: bool, T: int, S: int, d
     return keep
 
 
+def explicit_step(vectors: int, queries: int) -> bool:
+    """Whether attention with `queries` queries a row and `vectors` query vectors in all (rows x heads x queries) is
+    a large decoding step, which on a CPU takes the explicit matmuls and softmax: see STEP_QUERIES."""
+    return queries <= STEP_QUERIES and vectors >= STEP_MIN_VECTORS
+
+
 def decoding_step_on_cpu(query: torch.Tensor) -> bool:
-    """Whether query (B, H, T, d_head) is a large decoding step on a CPU: see STEP_QUERIES."""
-    return (query.device.type == "cpu" and query.size(2) <= STEP_QUERIES and not query.requires_grad
-            and query.numel() >= STEP_MIN_VECTORS * query.size(-1))
+    """Whether query (B, H, T, d_head) is a large decoding step on a CPU (`explicit_step`)."""
+    return (query.device.type == "cpu" and not query.requires_grad
+            and explicit_step(query.numel() // query.size(-1), query.size(2)))
 
 
 def kernel_unchanged(attention: "MultiHeadAttention") -> bool:

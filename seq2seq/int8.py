@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.attention import (STEP_MIN_VECTORS, STEP_QUERIES, KVCache, MultiHeadAttention, keep_mask,
-                                kernel_unchanged)
+from seq2seq.attention import KVCache, MultiHeadAttention, explicit_step, keep_mask, kernel_unchanged
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import FeedForward, Transformer
 
@@ -150,6 +149,19 @@ def packed_feed_forward(x: torch.Tensor, packed1: "torch.classes.quantized.Linea
     return packed_scaled(h.div_(h_scale), h_scale, packed2, bias2, dynamic)
 
 
+def sublayer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   pre_norm: bool) -> torch.Tensor:
+    """What a sublayer reads (Sublayer.forward): LayerNorm(x) with pre-norm, x itself with post-norm."""
+    return F.layer_norm(x, [x.size(-1)], weight, bias, eps) if pre_norm else x
+
+
+def sublayer_output(x: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    pre_norm: bool) -> torch.Tensor:
+    """The residual connection around a sublayer's output f (Sublayer.forward): x + f with pre-norm,
+    LayerNorm(x + f) with post-norm."""
+    return x + f if pre_norm else F.layer_norm(x + f, [x.size(-1)], weight, bias, eps)
+
+
 def packed_encoder_layer(x: torch.Tensor, keep: Optional[torch.Tensor], norms: List[torch.Tensor], eps: float,
                          packed: List["torch.classes.quantized.LinearPackedParamsBase"],
                          biases: List[Optional[torch.Tensor]], n_heads: int, pre_norm: bool,
@@ -161,15 +173,15 @@ def packed_encoder_layer(x: torch.Tensor, keep: Optional[torch.Tensor], norms: L
     LayerNorm weight and bias; packed and biases of W_QKV, W_O, W_1, W_2. Returns: x (B, S, D).
     """
     B, S, D = x.shape
-    h = F.layer_norm(x, [D], norms[0], norms[1], eps) if pre_norm else x
+    h = sublayer_input(x, norms[0], norms[1], eps, pre_norm)
     query, key, value = [t.view(B, S, n_heads, D // n_heads).transpose(1, 2)
                          for t in packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)]
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=keep)
     a = packed_linear(context.transpose(1, 2).reshape(B, S, D), packed[1], biases[1], dynamic)
-    x = x + a if pre_norm else F.layer_norm(x + a, [D], norms[0], norms[1], eps)
-    h = F.layer_norm(x, [D], norms[2], norms[3], eps) if pre_norm else x
+    x = sublayer_output(x, a, norms[0], norms[1], eps, pre_norm)
+    h = sublayer_input(x, norms[2], norms[3], eps, pre_norm)
     f = packed_feed_forward(h, packed[2], biases[2], packed[3], biases[3], dynamic)
-    return x + f if pre_norm else F.layer_norm(x + f, [D], norms[2], norms[3], eps)
+    return sublayer_output(x, f, norms[2], norms[3], eps, pre_norm)
 
 
 def packed_encoder_layers(x: torch.Tensor, keep: Optional[torch.Tensor], norms: List[List[torch.Tensor]], eps: float,
@@ -201,7 +213,7 @@ def packed_decoder_layer(y: torch.Tensor, storage: torch.Tensor, past: int,
     """
     rows, T, D = y.shape
     B = cross_key.size(0)
-    h = F.layer_norm(y, [D], norms[0], norms[1], eps) if pre_norm else y
+    h = sublayer_input(y, norms[0], norms[1], eps, pre_norm)
     query, key, value = [t.view(rows, T, n_heads, D // n_heads).transpose(1, 2)
                          for t in packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)]
     storage[past:past + T, 0], storage[past:past + T, 1] = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)
@@ -211,18 +223,17 @@ def packed_decoder_layer(y: torch.Tensor, storage: torch.Tensor, past: int,
     else:  # one new position sees every key: no mask
         context = F.scaled_dot_product_attention(query, key, value)
     a = packed_linear(context.transpose(1, 2).reshape(rows, T, D), packed[1], biases[1], dynamic)
-    y = y + a if pre_norm else F.layer_norm(y + a, [D], norms[0], norms[1], eps)
-    h = F.layer_norm(y, [D], norms[2], norms[3], eps) if pre_norm else y
+    y = sublayer_output(y, a, norms[0], norms[1], eps, pre_norm)
+    h = sublayer_input(y, norms[2], norms[3], eps, pre_norm)
     cross_query = packed_linear(h, packed[2], biases[2], dynamic).reshape(B, rows // B * T, D)
     cross_query = cross_query.view(B, rows // B * T, n_heads, D // n_heads).transpose(1, 2)  # (B, H, G*T, d_head)
     context = F.scaled_dot_product_attention(cross_query, cross_key, cross_value, attn_mask=memory_keep)
     c = packed_linear(context.transpose(1, 2).reshape(B, rows // B * T, D).view(rows, T, D), packed[3], biases[3],
                       dynamic)
-    y = y + c if pre_norm else F.layer_norm(y + c, [D], norms[2], norms[3], eps)
-    h = F.layer_norm(y, [D], norms[4], norms[5], eps) if pre_norm else y
+    y = sublayer_output(y, c, norms[2], norms[3], eps, pre_norm)
+    h = sublayer_input(y, norms[4], norms[5], eps, pre_norm)
     f = packed_feed_forward(h, packed[4], biases[4], packed[5], biases[5], dynamic)
-    y = y + f if pre_norm else F.layer_norm(y + f, [D], norms[4], norms[5], eps)
-    return y
+    return sublayer_output(y, f, norms[4], norms[5], eps, pre_norm)
 
 
 def packed_decoder_layers(y: torch.Tensor, storages: List[torch.Tensor], past: int, cross_keys: List[torch.Tensor],
@@ -418,9 +429,8 @@ class Int8Transformer(Transformer):
         is small: every product through packed weights, and SDPA's attention, as the eager layers take there."""
         B, S = src.shape
         layers = self.encoder_layers
-        sdpa = S > STEP_QUERIES or B * self.cfg.n_heads * S < STEP_MIN_VECTORS  # `attend`'s choice for them
-        if not (self.encoder_weights and sdpa and layers[0].ffn.w1.packed_for(B * S) and all(
-                kernel_unchanged(layer.self_attn) for layer in layers)):
+        if explicit_step(B * self.cfg.n_heads * S, S) or not (self.encoder_weights and layers[0].ffn.w1.packed_for(
+                B * S) and all(kernel_unchanged(layer.self_attn) for layer in layers)):
             return super().encode(src, src_pad_mask)
         keep = keep_mask(src_pad_mask, False, S, S, src.device)  # (B, 1, 1, S)
         return self.encoder_norm(compiled(packed_encoder_layers)(self.embed_tokens(src), keep, *self.encoder_weights))
@@ -432,7 +442,7 @@ class Int8Transformer(Transformer):
         operations, and eager PyTorch spends more calling them than computing them (a one-row step: 2.4 against 1.2
         ms, on a 2-core EPYC). Larger steps, and layers asked for their weights, take the eager path."""
         layers = self.decoder_layers
-        small = tgt_in.size(0) * self.cfg.n_heads < STEP_MIN_VECTORS and tgt_in.size(1) == 1
+        small = tgt_in.size(1) == 1 and not explicit_step(tgt_in.size(0) * self.cfg.n_heads, 1)
         if not (small and self.step_weights and layers[0].ffn.w1.packed_for(tgt_in.size(0)) and all(
                 kernel_unchanged(m) for layer in layers for m in (layer.self_attn, layer.cross_attn))):
             return super().decode_step(tgt_in, memory, src_pad_mask, cache)
