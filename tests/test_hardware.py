@@ -455,7 +455,8 @@ def test_packed_weight_calls_are_compiled_by_torchscript_and_give_the_eager_bits
     if engine not in torch.backends.quantized.supported_engines or not seq2seq.int8.quantized_ops():
         pytest.skip(f"quantization engine {engine} is not in this torch build")
     monkeypatch.setattr(torch.backends.quantized, "engine", engine)
-    functions = (seq2seq.int8.packed_linear, seq2seq.int8.packed_scaled, seq2seq.int8.packed_feed_forward)
+    functions = (seq2seq.int8.packed_linear, seq2seq.int8.packed_scaled, seq2seq.int8.packed_feed_forward,
+                 seq2seq.int8.packed_encoder_layers, seq2seq.int8.packed_decoder_layers)
     assert all(isinstance(seq2seq.int8.compiled(f), torch.jit.ScriptFunction) for f in functions)
     torch.manual_seed(0)
     ffn = seq2seq.int8.Int8FeedForward(seq2seq.model.FeedForward(32, 64))
