@@ -1,4 +1,5 @@
-"""int8 decoding on a CPU: the Transformer with every linear layer, the output projection included, in int8.
+"""int8 decoding on a CPU: the Transformer with every linear layer, the output projection included, in int8;
+and the compiled small decoding steps it shares with fp32 decoding on a CPU.
 
 Weights are quantized once, per output channel. Activations are quantized on the fly, each row (one
 token of one sentence) with its own scale, as CTranslate2 does, so the lines batched with a line do not
@@ -10,6 +11,11 @@ random batches of 32 changed, near-ties of the beam; fp32 0.) The integer dot pr
 (VNNI or AVX2), or for calls of many rows oneDNN's (what CTranslate2 uses on AMD CPUs) where that measured
 faster (`onednn_pays`): the same integer sums and scaling, so the same output bit for bit. Attention scores,
 softmax and LayerNorm stay in fp32.
+
+Small steps (one sentence at a time, the last rows of a batch) are some 800 operations too small to be worth calling
+one by one from Python: `SteppedTransformer` runs a step's decoder layers in one TorchScript call, the same
+operations as the eager layers, in the same order, the same bits. Int8Transformer is one; fp32 decoding on a CPU
+takes another, which shares the float model's weights (`stepped_copy`).
 
 PyTorch has announced the removal of its quantized CPU kernels (torch.ao, torch.ops.quantized). A torch
 without them multiplies through `torch._int_mm` instead, a core ATen op, on CPUs with VNNI (integer dot
@@ -199,55 +205,79 @@ def packed_encoder_layers(x: torch.Tensor, keep: Optional[torch.Tensor], norms: 
 def packed_decoder_layer(y: torch.Tensor, storage: torch.Tensor, past: int,
                          cross_key: torch.Tensor, cross_value: torch.Tensor,
                          memory_keep: Optional[torch.Tensor], norms: List[torch.Tensor], eps: float,
-                         packed: List["torch.classes.quantized.LinearPackedParamsBase"],
+                         weights: Optional[List[torch.Tensor]],
+                         packed: Optional[List["torch.classes.quantized.LinearPackedParamsBase"]],
                          biases: List[Optional[torch.Tensor]], n_heads: int, pre_norm: bool,
                          dynamic: bool) -> torch.Tensor:
-    """One decoding step of a DecoderLayer whose linear layers all go through packed weights, in one call: the same
-    operations, in the same order, as its eager forward with SDPA (a small step: `Int8Transformer.decode_step`).
+    """One decoding step of a DecoderLayer in one call, its products in fp32 (`weights`) or through int8 packed weights
+    (`packed`; the other None): the same operations, in the same order, as its eager forward with SDPA (a small
+    step: `SteppedTransformer.decode_step`).
 
     Args: y (B*G, T, D), G rows per memory row; storage (room, 2, B*G, H, d_head) the KVCache's keys and values,
     its first `past` positions filled, with room for T more (KVCache.reserve), which this writes; cross_key, cross_value
     (B, H, S_src, d_head); memory_keep (B, 1, 1, S_src) True where a row may attend, or None; norms the three
-    sublayers' LayerNorm weight and bias; packed and biases of W_QKV, W_O, cross W_Q, cross W_O, W_1, W_2.
-    Returns: y (B*G, T, D).
+    sublayers' LayerNorm weight and bias; packed and biases of W_QKV, W_O, cross W_Q, cross W_O, W_1, W_2, or weights
+    and biases of W_Q, W_KV, W_O, cross W_Q, cross W_O, W_1, W_2 (fp32 keeps W_Q apart from W_K, W_V, as the eager
+    layer does: the same products, the same bits). Returns: y (B*G, T, D).
     """
     rows, T, D = y.shape
     B = cross_key.size(0)
     h = sublayer_input(y, norms[0], norms[1], eps, pre_norm)
-    query, key, value = [t.view(rows, T, n_heads, D // n_heads).transpose(1, 2)
-                         for t in packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)]
+    if weights is not None:
+        qkv = [F.linear(h, weights[0], biases[0])] + F.linear(h, weights[1], biases[1]).chunk(2, dim=-1)
+    else:
+        assert packed is not None
+        qkv = packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)
+    query, key, value = [t.view(rows, T, n_heads, D // n_heads).transpose(1, 2) for t in qkv]
     storage[past:past + T, 0], storage[past:past + T, 1] = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)
     key, value = storage[:past + T, 0].permute(1, 2, 0, 3), storage[:past + T, 1].permute(1, 2, 0, 3)  # KVCache.key
     if past == 0:
         context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
     else:  # one new position sees every key: no mask
         context = F.scaled_dot_product_attention(query, key, value)
-    a = packed_linear(context.transpose(1, 2).reshape(rows, T, D), packed[1], biases[1], dynamic)
+    a = step_linear(context.transpose(1, 2).reshape(rows, T, D), 1, weights, packed, biases, dynamic)
     y = sublayer_output(y, a, norms[0], norms[1], eps, pre_norm)
     h = sublayer_input(y, norms[2], norms[3], eps, pre_norm)
-    cross_query = packed_linear(h, packed[2], biases[2], dynamic).reshape(B, rows // B * T, D)
+    cross_query = step_linear(h, 2, weights, packed, biases, dynamic).reshape(B, rows // B * T, D)
     cross_query = cross_query.view(B, rows // B * T, n_heads, D // n_heads).transpose(1, 2)  # (B, H, G*T, d_head)
     context = F.scaled_dot_product_attention(cross_query, cross_key, cross_value, attn_mask=memory_keep)
-    c = packed_linear(context.transpose(1, 2).reshape(B, rows // B * T, D).view(rows, T, D), packed[3], biases[3],
-                      dynamic)
+    c = step_linear(context.transpose(1, 2).reshape(B, rows // B * T, D).view(rows, T, D), 3, weights, packed, biases,
+                    dynamic)
     y = sublayer_output(y, c, norms[2], norms[3], eps, pre_norm)
     h = sublayer_input(y, norms[4], norms[5], eps, pre_norm)
-    f = packed_feed_forward(h, packed[4], biases[4], packed[5], biases[5], dynamic)
+    if weights is not None:
+        f = F.linear(F.linear(h, weights[5], biases[5]).relu(), weights[6], biases[6])
+    else:
+        assert packed is not None
+        f = packed_feed_forward(h, packed[4], biases[4], packed[5], biases[5], dynamic)
     return sublayer_output(y, f, norms[4], norms[5], eps, pre_norm)
+
+
+def step_linear(x: torch.Tensor, i: int, weights: Optional[List[torch.Tensor]],
+                packed: Optional[List["torch.classes.quantized.LinearPackedParamsBase"]],
+                biases: List[Optional[torch.Tensor]], dynamic: bool) -> torch.Tensor:
+    """x W^T + b of `packed_decoder_layer`'s i-th int8 product (1: W_O, 2: cross W_Q, 3: cross W_O), or of its fp32
+    twin, one further along in `weights` (which holds W_Q and W_KV where int8 has one W_QKV)."""
+    if weights is not None:
+        return F.linear(x, weights[i + 1], biases[i + 1])
+    assert packed is not None
+    return packed_linear(x, packed[i], biases[i], dynamic)
 
 
 def packed_decoder_layers(y: torch.Tensor, storages: List[torch.Tensor], past: int, cross_keys: List[torch.Tensor],
                           cross_values: List[torch.Tensor], memory_keep: Optional[torch.Tensor],
-                          norms: List[List[torch.Tensor]], eps: float,
-                          packed: List[List["torch.classes.quantized.LinearPackedParamsBase"]],
+                          norms: List[List[torch.Tensor]], eps: float, weights: Optional[List[List[torch.Tensor]]],
+                          packed: Optional[List[List["torch.classes.quantized.LinearPackedParamsBase"]]],
                           biases: List[List[Optional[torch.Tensor]]], n_heads: int, pre_norm: bool,
                           dynamic: bool) -> torch.Tensor:
     """A small decoding step's pass through every decoder layer (`packed_decoder_layer`, each with its own cache,
-    cross keys and values, norms, packed weights and biases) in one TorchScript call. Called a layer at a time from
-    Python, the 4 layers of a one-row step took 720-830 us, in one call 640-770 us (2-core AVX2 EPYC)."""
+    cross keys and values, norms, weights or packed weights, and biases) in one TorchScript call. int8: called a layer
+    at a time from Python, the 4 layers of a one-row step took 720-830 us, in one call 640-770 us; fp32: 880 us in one
+    call, against 2,200 us for the eager layers (2-core AVX2 EPYC)."""
     for i in range(len(storages)):
         y = packed_decoder_layer(y, storages[i], past, cross_keys[i], cross_values[i], memory_keep, norms[i], eps,
-                                 packed[i], biases[i], n_heads, pre_norm, dynamic)
+                                 None if weights is None else weights[i], None if packed is None else packed[i],
+                                 biases[i], n_heads, pre_norm, dynamic)
     return y
 
 
@@ -398,52 +428,29 @@ def replace_linears(module: nn.Module) -> None:
             replace_linears(child)
 
 
-class Int8Transformer(Transformer):
-    """A trained Transformer's weights with its nn.Linear layers in int8; for decoding (no gradients).
+class SteppedTransformer(Transformer):
+    """A trained Transformer for decoding on a CPU (no gradients), whose small decoding steps run every decoder layer in
+    one TorchScript call (`packed_decoder_layers`), the same operations as the eager layers, in the same order. There a
+    step is some 800 small operations, and eager PyTorch spends more calling them than computing them: a one-row step
+    of 4 layers took 2.2 ms eager and 0.9 ms compiled in fp32, 2.4 and 0.7-0.8 ms in int8 (2-core AVX2 EPYC). fp32,
+    one sentence a call: greedy 1.31x, beam 5 1.18x; 500 lines in 4,096-token batches 1.00x (docs/benchmarks.md).
 
-    The output projection is tied to the embedding in the float model; here it gets an int8 copy of
-    the embedding matrix of its own (`output`), while the embedding lookup keeps the float rows.
+    `stepped_copy(model)` makes the fp32 one, which shares the model's weights; Int8Transformer is the int8 one.
     """
 
-    def __init__(self, model: Transformer):
-        with torch.random.fork_rng(devices=[]):  # the float init that load_state_dict overwrites: no trace left
-            super().__init__(model.cfg)
-        self.load_state_dict(model.state_dict())  # copied into this model's CPU fp32 parameters
-        self.output = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
-        self.output.weight = nn.Parameter(self.embed.weight.detach().clone())
-        self.eval()
-        with torch.random.fork_rng(devices=[]):  # the float layers built on the way, overwritten at once
-            for layer in [*self.encoder_layers, *self.decoder_layers]:
-                layer.self_attn = Int8SelfAttention(layer.self_attn)
-            replace_linears(self)
-        packed = all(hasattr(linear, "packed") for linear in self.modules() if isinstance(linear, Int8Linear))
-        self.encoder_weights = packed_layer_weights(self.encoder_layers, encoder_linears) if packed else None
-        self.step_weights = packed_layer_weights(self.decoder_layers, decoder_linears) if packed else None
+    step_weights: tuple | None = None  # what packed_decoder_layers takes besides its inputs (`step_arguments`)
 
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """Decoder states (..., D) -> logits (..., V) through the int8 copy of the embedding."""
-        return self.output(h)
-
-    def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
-        """Transformer.encode, the encoder's layers in one TorchScript call (`packed_encoder_layers`) where the batch
-        is small: every product through packed weights, and SDPA's attention, as the eager layers take there."""
-        B, S = src.shape
-        layers = self.encoder_layers
-        if explicit_step(B * self.cfg.n_heads * S, S) or not (self.encoder_weights and layers[0].ffn.w1.packed_for(
-                B * S) and all(kernel_unchanged(layer.self_attn) for layer in layers)):
-            return super().encode(src, src_pad_mask)
-        keep = keep_mask(src_pad_mask, False, S, S, src.device)  # (B, 1, 1, S)
-        return self.encoder_norm(compiled(packed_encoder_layers)(self.embed_tokens(src), keep, *self.encoder_weights))
+    def compiled_step(self, rows: int) -> bool:
+        """Whether a small step of this many rows runs compiled (int8: unless oneDNN takes products of so many)."""
+        return True
 
     def decode_step(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_pad_mask: torch.Tensor | None,
                     cache: list[dict]) -> torch.Tensor:
         """Transformer.decode_step, the decoder's layers in one TorchScript call (`packed_decoder_layers`) where the
-        step is small: every product through packed weights, SDPA's attention. There a step is some 800 small
-        operations, and eager PyTorch spends more calling them than computing them (a one-row step: 2.4 against 1.2
-        ms, on a 2-core EPYC). Larger steps, and layers asked for their weights, take the eager path."""
+        step is small (`compiled_step`). Larger steps, and layers asked for their weights, take the eager path."""
         layers = self.decoder_layers
         small = tgt_in.size(1) == 1 and not explicit_step(tgt_in.size(0) * self.cfg.n_heads, 1)
-        if not (small and self.step_weights and layers[0].ffn.w1.packed_for(tgt_in.size(0)) and all(
+        if not (small and self.step_weights and self.compiled_step(tgt_in.size(0)) and all(
                 kernel_unchanged(m) for layer in layers for m in (layer.self_attn, layer.cross_attn))):
             return super().decode_step(tgt_in, memory, src_pad_mask, cache)
         step = cache[0]["self"].length if cache[0] else 0
@@ -465,6 +472,48 @@ class Int8Transformer(Transformer):
         return self.decoder_norm(y)[:, -1]
 
 
+class Int8Transformer(SteppedTransformer):
+    """A trained Transformer's weights with its nn.Linear layers in int8; for decoding (no gradients).
+
+    The output projection is tied to the embedding in the float model; here it gets an int8 copy of
+    the embedding matrix of its own (`output`), while the embedding lookup keeps the float rows.
+    """
+
+    def __init__(self, model: Transformer):
+        with torch.random.fork_rng(devices=[]):  # the float init that load_state_dict overwrites: no trace left
+            super().__init__(model.cfg)
+        self.load_state_dict(model.state_dict())  # copied into this model's CPU fp32 parameters
+        self.output = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
+        self.output.weight = nn.Parameter(self.embed.weight.detach().clone())
+        self.eval()
+        with torch.random.fork_rng(devices=[]):  # the float layers built on the way, overwritten at once
+            for layer in [*self.encoder_layers, *self.decoder_layers]:
+                layer.self_attn = Int8SelfAttention(layer.self_attn)
+            replace_linears(self)
+        packed = all(hasattr(linear, "packed") for linear in self.modules() if isinstance(linear, Int8Linear))
+        self.encoder_weights = packed_layer_weights(self.encoder_layers, encoder_linears) if packed else None
+        self.step_weights = step_arguments(self.decoder_layers, decoder_linears, fp32=False) if packed else None
+
+    def compiled_step(self, rows: int) -> bool:
+        """Whether a small step of this many rows runs compiled: where its products go through the packed weights,
+        not oneDNN's (ONEDNN_ROWS)."""
+        return self.decoder_layers[0].ffn.w1.packed_for(rows)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder states (..., D) -> logits (..., V) through the int8 copy of the embedding."""
+        return self.output(h)
+
+    def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
+        """Transformer.encode, the encoder's layers in one TorchScript call (`packed_encoder_layers`) where the batch
+        is small: every product through packed weights, and SDPA's attention, as the eager layers take there."""
+        B, S = src.shape
+        layers = self.encoder_layers
+        if explicit_step(B * self.cfg.n_heads * S, S) or not (self.encoder_weights and layers[0].ffn.w1.packed_for(
+                B * S) and all(kernel_unchanged(layer.self_attn) for layer in layers)):
+            return super().encode(src, src_pad_mask)
+        keep = keep_mask(src_pad_mask, False, S, S, src.device)  # (B, 1, 1, S)
+        return self.encoder_norm(compiled(packed_encoder_layers)(self.embed_tokens(src), keep, *self.encoder_weights))
+
 def encoder_linears(layer) -> tuple:
     """An int8 EncoderLayer's Int8Linears, in the order `packed_encoder_layer` takes them."""
     return layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.ffn.w1, layer.ffn.w2
@@ -476,16 +525,38 @@ def decoder_linears(layer) -> tuple:
             layer.ffn.w1, layer.ffn.w2)
 
 
-def packed_layer_weights(layers, linears) -> tuple:
-    """What `packed_encoder_layers` or `packed_decoder_layers` takes of int8 layers besides its inputs: each layer's
-    norms, and the packed weights and biases of its `linears(layer)`; eps, heads, pre-norm, dynamic kernel. Gathered
-    once (Int8Transformer.encoder_weights, .step_weights): a frozen model."""
+def fp32_decoder_linears(layer) -> tuple:
+    """A float DecoderLayer's nn.Linears, in the order `packed_decoder_layer` takes them as `weights`."""
+    return (layer.self_attn.q_proj, layer.self_attn.kv_proj, layer.self_attn.out_proj, layer.cross_attn.q_proj,
+            layer.cross_attn.out_proj, layer.ffn[0], layer.ffn[2])
+
+
+def packed_layer_weights(layers, linears, fp32: bool = False) -> tuple:
+    """What `packed_encoder_layers` takes of int8 layers besides its inputs: each layer's norms, and the packed weights
+    (fp32: the weights) and biases of its `linears(layer)`; eps, heads, pre-norm, dynamic kernel. Gathered once
+    (Int8Transformer.encoder_weights, SteppedTransformer.step_weights): a frozen model."""
     per_layer = [linears(layer) for layer in layers]
     norms = [[t for sub in layer.sublayers for t in (sub.norm.weight, sub.norm.bias)] for layer in layers]
     first = layers[0]
-    return (norms, first.sublayers[0].norm.eps, [[linear.packed for linear in each] for each in per_layer],
-            [[linear.bias for linear in each] for each in per_layer], first.self_attn.n_heads,
-            first.sublayers[0].pre_norm, per_layer[0][0].kernel == "dynamic")
+    products = [[linear.weight if fp32 else linear.packed for linear in each] for each in per_layer]
+    return (norms, first.sublayers[0].norm.eps, products, [[linear.bias for linear in each] for each in per_layer],
+            first.self_attn.n_heads, first.sublayers[0].pre_norm, getattr(per_layer[0][0], "kernel", "") == "dynamic")
+
+
+def step_arguments(layers, linears, fp32: bool) -> tuple:
+    """What `packed_decoder_layers` takes besides its inputs (SteppedTransformer.step_weights): `packed_layer_weights`
+    with the products as its fp32 `weights` or its int8 `packed` ones, the other None."""
+    norms, eps, products, *rest = packed_layer_weights(layers, linears, fp32)
+    return (norms, eps, products if fp32 else None, None if fp32 else products, *rest)
+
+
+def stepped_copy(model: Transformer) -> SteppedTransformer:
+    """A float model for decoding on a CPU, its small steps compiled (SteppedTransformer), sharing model's weights."""
+    with torch.random.fork_rng(devices=[]):  # the float init that the model's weights replace: no trace left
+        stepped = SteppedTransformer(model.cfg)
+    stepped.load_state_dict(model.state_dict(), assign=True)  # the very tensors: no second copy of the weights
+    stepped.step_weights = step_arguments(stepped.decoder_layers, fp32_decoder_linears, fp32=True)
+    return stepped.eval()
 
 
 def int8_copy(model: Transformer | Ensemble) -> Int8Transformer | Ensemble:

@@ -16,7 +16,7 @@ from seq2seq.data import LengthOrderSampler, TokenBatchSampler
 from seq2seq.hardware import (AUTOCAST_DTYPE, choose_precision, log_choice, resolve_device, this_machine,
                               use_freed_memory)
 from seq2seq.ensemble import Ensemble
-from seq2seq.int8 import int8_copy
+from seq2seq.int8 import int8_copy, stepped_copy
 from seq2seq.search import SearchConfig, search_batch
 from seq2seq.textprep import join_sentences, model_form, natural_form, split_sentences
 from seq2seq.tokenizer import EOS_ID, PAD_ID
@@ -37,7 +37,8 @@ class Translator:
     lines are in that form already (then the output stays in it too). The model sits on `device` (`auto`:
     the CUDA GPU when there is one, else the CPU); a translate call with another `device=` moves it there.
     `precision` is decided per call (`auto`: seq2seq/hardware.py); int8 decodes with an int8 copy of the
-    model, made at its first use and kept. `model` may be an Ensemble (seq2seq/ensemble.py):
+    model, made at its first use and kept, and fp32 on a CPU with a SteppedTransformer that shares the model's
+    weights (its small steps compiled: seq2seq/int8.py). `model` may be an Ensemble (seq2seq/ensemble.py):
     `Translator.from_checkpoint([a, b])`.
     """
 
@@ -46,6 +47,7 @@ class Translator:
         self.device = resolve_device(device, this_machine())
         self.model = model.eval().to(self.device)
         self.int8_model = None  # int8_copy(model), made when first asked for
+        self.stepped_model = None  # stepped_copy(model) for fp32 on a CPU, made when first asked for
         self.pretokenized = info.pretokenized
         self.max_len = model.cfg.max_len  # positions the model has
 
@@ -85,10 +87,13 @@ class Translator:
             with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPE[precision]):
                 yield self.model
             return
+        model = self.model
         if precision == "int8":
-            self.int8_model = self.int8_model or int8_copy(self.model)  # before inference mode: reusable
+            model = self.int8_model = self.int8_model or int8_copy(self.model)  # before inference mode: reusable
+        elif self.device.type == "cpu" and not isinstance(self.model, Ensemble):  # fp32: small steps compiled
+            model = self.stepped_model = self.stepped_model or stepped_copy(self.model)
         with torch.inference_mode():
-            yield self.int8_model if precision == "int8" else self.model
+            yield model
 
     def check(self, search: SearchConfig) -> None:
         """Refuse a device or precision this machine cannot give before any line is read: one line, not an

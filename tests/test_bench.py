@@ -160,14 +160,14 @@ def test_ab_times_a_method_new_to_a_class_against_what_the_class_inherited(monke
     from seq2seq.model import Transformer
     ab = load_ab()
     revision = type(sys)("seq2seq.int8@old")
-    revision.Int8Transformer = type("Int8Transformer", (Transformer,), {})  # no decode_step of its own yet
+    revision.Int8Transformer = type("Int8Transformer", (Transformer,), {})  # no encode of its own yet
     monkeypatch.setattr(ab, "module_at_revision", lambda module_name, rev: revision)
-    compiled_step = seq2seq.int8.Int8Transformer.decode_step
-    use = ab.swapper("seq2seq.int8:Int8Transformer.decode_step", "old")
+    compiled_encode = seq2seq.int8.Int8Transformer.encode
+    use = ab.swapper("seq2seq.int8:Int8Transformer.encode", "old")
     use("A")
-    assert seq2seq.int8.Int8Transformer.decode_step is Transformer.decode_step
+    assert seq2seq.int8.Int8Transformer.encode is Transformer.encode
     use("B")
-    assert seq2seq.int8.Int8Transformer.decode_step is compiled_step
+    assert seq2seq.int8.Int8Transformer.encode is compiled_encode
     with pytest.raises(ab.ABError, match="has no no_such_function"):  # a module's function still must exist
         ab.swapper("seq2seq.search:no_such_function", "HEAD")
 

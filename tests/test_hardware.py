@@ -538,14 +538,11 @@ def small_int8_model(engine: str, pre_norm: bool, monkeypatch, **layers) -> Int8
     return Int8Transformer(Transformer(cfg).eval())
 
 
-@pytest.mark.parametrize("pre_norm", [True, False])
-@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
-def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, engine, monkeypatch):
-    """The decoder layers of a small step in one TorchScript call: the same n-best lists and the same scores, bit
-    for bit, as the eager layers, through beam reorders, dropped sentences, padding and a forced prefix; and the
-    compiled call is what ran."""
-    int8 = small_int8_model(engine, pre_norm, monkeypatch, n_enc_layers=1, n_dec_layers=2)
-    cfg = int8.cfg
+def small_steps_decode_as_the_eager_layers(stepped, monkeypatch) -> None:
+    """`stepped` (a SteppedTransformer) decodes a small batch through its compiled small steps, and with the same
+    n-best lists and scores, bit for bit, as its eager layers (Transformer.decode_step), through beam reorders,
+    dropped sentences, padding and a forced prefix."""
+    cfg = stepped.cfg
     src = torch.randint(4, cfg.vocab_size, (5, 9))
     src[1, 4:], src[3, 2:] = cfg.pad_id, cfg.pad_id
     prefix = torch.full((5, 2), -1)
@@ -556,10 +553,53 @@ def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_nor
                         if f is seq2seq.int8.packed_decoder_layers else f)
     searches = [SearchConfig(beam_size=3, nbest=3, max_len_a=0, max_len_b=8), SearchConfig(beam_size=1),
                 SearchConfig(beam_size=2, max_len_a=0, max_len_b=24, min_len=24)]  # past the cache's first room
-    compiled = [search_batch(int8, src, search, prefix) for search in searches]
-    assert calls
-    monkeypatch.setattr(seq2seq.int8.Int8Transformer, "decode_step", Transformer.decode_step)  # the eager layers
-    assert compiled == [search_batch(int8, src, search, prefix) for search in searches]
+    with torch.inference_mode():
+        compiled = [search_batch(stepped, src, search, prefix) for search in searches]
+        assert calls
+        monkeypatch.setattr(type(stepped), "decode_step", Transformer.decode_step)  # the eager layers
+        assert compiled == [search_batch(stepped, src, search, prefix) for search in searches]
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_int8_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, engine, monkeypatch):
+    """The decoder layers of a small int8 step in one TorchScript call: what the eager int8 layers decode."""
+    small_steps_decode_as_the_eager_layers(small_int8_model(engine, pre_norm, monkeypatch, n_enc_layers=1,
+                                                            n_dec_layers=2), monkeypatch)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_fp32_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_norm, monkeypatch):
+    """fp32 decoding on a CPU takes the same compiled small steps, with the float model's own weights (shared, not
+    copied): what the eager layers decode."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, pad_id=0, d_model=32, n_heads=4, d_ff=64, dropout=0.0, pre_norm=pre_norm,
+                      max_len=64, n_enc_layers=1, n_dec_layers=2)
+    model = Transformer(cfg).eval()
+    stepped = seq2seq.int8.stepped_copy(model)
+    assert stepped.decoder_layers[1].ffn[2].weight.data_ptr() == model.decoder_layers[1].ffn[2].weight.data_ptr()
+    small_steps_decode_as_the_eager_layers(stepped, monkeypatch)
+
+
+def test_translator_decodes_fp32_on_a_cpu_through_the_compiled_steps(tiny_model, tokenizer):
+    """precision=32 on a CPU decodes with a SteppedTransformer sharing the model's weights, made once; int8 with the
+    int8 copy; the texts are the eager model's."""
+    from seq2seq.checkpoint import TextInfo
+
+    info = TextInfo("en", "ja", normalize=False, bleu_tokenize="ja-mecab", data_config={})
+    translator = Translator(tiny_model, tokenizer, info, device="cpu")
+    lines = ["the cat sat on the mat .", "a dog .", "the dog sat ."]
+    for beam_size in (1, 3):
+        texts = translator.translate(lines, SearchConfig(beam_size=beam_size, precision="32"))
+        assert isinstance(translator.stepped_model, seq2seq.int8.SteppedTransformer)
+        stepped, translator.stepped_model = translator.stepped_model, tiny_model  # the eager layers in its place
+        assert translator.translate(lines, SearchConfig(beam_size=beam_size, precision="32")) == texts
+        translator.stepped_model = stepped
+    with translator.decoding(SearchConfig(precision="32")) as model:
+        assert model is stepped  # kept
+    if torch.backends.quantized.engine in ("x86", "fbgemm", "qnnpack") and seq2seq.int8.int8_kernel():
+        with translator.decoding(SearchConfig(precision="int8")) as model:
+            assert isinstance(model, Int8Transformer)
 
 
 @pytest.mark.parametrize("pre_norm", [True, False])
