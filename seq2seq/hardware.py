@@ -13,10 +13,9 @@ choice is the machine's, made at run time, never a constant tuned on whichever m
 CPU's flags claim native bf16 (x86's AMX or AVX512-BF16, Arm's BF16), a timed bf16 matmul checks them: a
 cap on the kernels' instructions (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon: 0.005x fp32) makes it emulated
 all the same.
-On a CPU with native bf16 the model's width counts too: bf16 saves matmul time, which grows as d_model
-squared per token, and costs casts, which grow as d_model, plus a oneDNN kernel compiled for every new
-matmul shape; below CPU_REDUCED_MIN_D_MODEL the costs win, and such a model stays in fp32. int8 (a CPU
-without native bf16) has neither cost, and decodes a narrow model as fast as fp32 or faster.
+On a CPU the model's width counts too: a reduced precision saves matmul time, which grows as d_model
+squared per token, and costs casts and quantization, which grow as d_model, plus a oneDNN kernel
+compiled for every new matmul shape in bf16; below CPU_REDUCED_MIN_D_MODEL the costs win.
 """
 import functools
 import logging
@@ -36,11 +35,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "32", "bf16", "16", "int8")
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16}  # 32 and int8 run without autocast
-# `auto` on a CPU with native bf16 keeps narrower models in fp32. Measured on a 2-core AMX Xeon (docs/benchmarks.md),
-# bf16 / fp32: d_model 64 (experiment=smoke) training 0.45-0.50x in wall time, greedy decoding 0.74x (int8 0.67x);
-# d_model 128 training 1.01x; d_model 256 (model=small) training 2.07x. On a Zen 5 EPYC (AVX512-BF16): d_model 64
-# training 0.80x. On a 2-core AVX2 EPYC (no native bf16), int8 / fp32 decoding at d_model 64: 1.21-1.47x greedy and
-# 1.03-1.38x beam 5 in batches of 1-32 sentences, 0.92-1.12x in 4,096- and 16,384-token batches: int8 there too
+# `auto` on a CPU keeps narrower models in fp32. Measured on a 2-core AMX Xeon (docs/benchmarks.md), bf16 / fp32:
+# d_model 64 (experiment=smoke) training 0.45-0.50x in wall time, greedy decoding 0.74x (int8 0.67x);
+# d_model 128 training 1.01x; d_model 256 (model=small) training 2.07x. On a Zen 5 EPYC (AVX512-BF16):
+# d_model 64 training 0.80x
 CPU_REDUCED_MIN_D_MODEL = 128
 
 
@@ -220,16 +218,18 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
         if machine.cuda_bf16:
             return "bf16", f"{machine.gpu or 'this GPU'} computes in bf16 natively"
         return "16", f"{machine.gpu or 'this GPU'} has no bf16: float16 with a gradient scaler"
+    if d_model is not None and d_model < CPU_REDUCED_MIN_D_MODEL:
+        return "32", (f"d_model {d_model} < {CPU_REDUCED_MIN_D_MODEL}: on a CPU a model this narrow runs fastest "
+                      "in fp32 (casts and kernel set-up outweigh the smaller matmuls)")
+    if training:
+        if machine.cpu_native_bf16:
+            return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
+        return "32", f"this CPU has no native bf16 ({machine.cpu_isa})"
     if machine.cpu_native_bf16:
-        if d_model is not None and d_model < CPU_REDUCED_MIN_D_MODEL:
-            return "32", (f"d_model {d_model} < {CPU_REDUCED_MIN_D_MODEL}: on a CPU a model this narrow runs "
-                          "fastest in fp32 (bf16's casts and kernel set-up outweigh the smaller matmuls)")
-        # Decoding: AMX, bf16 measured fastest. AVX512-BF16: int8 measured 3-8% ahead of bf16 while it scaled a
-        # whole batch at once; scaling each row (seq2seq/int8.py) then cost int8 10-12% on an AVX-512 CPU, so
+        # AMX: bf16 measured fastest. AVX512-BF16: int8 measured 3-8% ahead of bf16 while it scaled a whole
+        # batch at once; scaling each row (seq2seq/int8.py) then cost int8 10-12% on an AVX-512 CPU, so
         # bf16 is expected level or ahead there (docs/benchmarks.md; to be measured on that class again)
         return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
-    if training:
-        return "32", f"this CPU has no native bf16 ({machine.cpu_isa})"
     if not machine.cpu_int8:
         return "32", f"this CPU has no native bf16 ({machine.cpu_isa}) and torch {torch.__version__} no int8 kernels"
     return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
