@@ -1,5 +1,6 @@
 """Loads the self-contained checkpoints that training writes: weights, model config, SentencePiece model
 and what the text was (TextInfo)."""
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,18 @@ class TextInfo:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True (never runs code from the file); errors name the file."""
+    """torch.load with weights_only=True (never runs code from the file); errors name the file. Memory-mapped: only
+    the tensors used are read (a Lightning checkpoint holds the optimizer's state too, twice the weights with Adam)."""
     if not isinstance(path, (str, Path)):  # ckpt=[a,b] where a command takes one checkpoint
         raise Seq2SeqError(f"ckpt={path}: expected one checkpoint (only translate, evaluate and serve take a list)")
     path = Path(path)
     if not path.is_file():
         raise Seq2SeqError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torn (no central directory), torch's pre-1.6 format, or no torch file at all
+        raise Seq2SeqError(f"{path}: not a readable checkpoint (not the zip archive torch.save writes: torn, or "
+                           "another format)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for torn, foreign or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Seq2SeqError(f"{path}: not a readable checkpoint ({reason})") from None

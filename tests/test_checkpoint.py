@@ -34,6 +34,14 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_checkpoint_in_torch_legacy_format_is_one_line(tmp_path):
+    """Checkpoints are memory-mapped, which torch's pre-1.6 format cannot be: one line naming the file, not mmap's."""
+    old = tmp_path / "old.ckpt"
+    torch.save({"seq2seq": {}, "state_dict": {}}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(Seq2SeqError, match=r"old\.ckpt: not a readable checkpoint \(not the zip archive torch\.save"):
+        load_checkpoint(old)
+
+
 def test_truncated_checkpoint_is_one_line_everywhere(smoke_run, tmp_path, data_dir):
     torn = tmp_path / "torn.ckpt"
     data = (smoke_run / "checkpoints" / "best.ckpt").read_bytes()
