@@ -1,6 +1,6 @@
 """Fuzz `run.py translate` with N generated hostile lines: no crash, N lines out, input order kept.
 
-    python bench/fuzz_translate.py --ckpt runs/x/checkpoints/best.ckpt [--lines 10000] [--seed 0]
+    python bench/fuzz_translate.py --ckpt runs/x/checkpoints/best.ckpt [--lines 10000] [--seed 0] [--precision 32]
 
 Lines: empty, whitespace only, control and zero-width characters, emoji, mixed scripts, special-token
 strings, 10,000+ character lines, and invalid UTF-8 bytes (translated with errors=replace).
@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", help="each decoding path: auto, 32, int8 (CPU), bf16")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     lines = [hostile_line(rng) for _ in range(args.lines)]
@@ -49,7 +50,8 @@ def main():
         src.write_bytes(b"\n".join(lines) + b"\n")
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "run.py", "translate", f"ckpt={args.ckpt}", f"input={src}",
-                               f"output={out}", "errors=replace", "beam_size=2", "progress=false"],
+                               f"output={out}", "errors=replace", "beam_size=2", "progress=false",
+                               f"precision={args.precision}"],
                               cwd=root, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode:
@@ -59,8 +61,8 @@ def main():
         sample = rng.sample(range(args.lines), 20)
         Path(tmp, "sample.in").write_bytes(b"\n".join(lines[i] for i in sample) + b"\n")
         check = subprocess.run([sys.executable, "run.py", "translate", f"ckpt={args.ckpt}", f"input={tmp}/sample.in",
-                                "errors=replace", "beam_size=2", "progress=false"], cwd=root, capture_output=True,
-                               text=True)
+                                "errors=replace", "beam_size=2", "progress=false", f"precision={args.precision}"],
+                               cwd=root, capture_output=True, text=True)
     kinds = sum(1 for line in lines if not line.strip()), sum(len(line) >= 10_000 for line in lines)
     ok_count = len(got) == args.lines
     ok_order = check.stdout.split("\n")[:-1] == [got[i] for i in sample]
