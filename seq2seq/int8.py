@@ -224,7 +224,8 @@ def packed_decoder_layer(y: torch.Tensor, storage: torch.Tensor, past: int,
     B = cross_key.size(0)
     h = sublayer_input(y, norms[0], norms[1], eps, pre_norm)
     if weights is not None:
-        qkv = [F.linear(h, weights[0], biases[0])] + F.linear(h, weights[1], biases[1]).chunk(2, dim=-1)
+        key_value = F.linear(h, weights[1], biases[1]).chunk(2, dim=-1)
+        qkv = [F.linear(h, weights[0], biases[0]), key_value[0], key_value[1]]
     else:
         assert packed is not None
         qkv = packed_linear(h, packed[0], biases[0], dynamic).chunk(3, dim=-1)

@@ -568,6 +568,12 @@ def test_fp32_small_steps_compiled_whole_decode_what_the_eager_layers_do(pre_nor
     model = Transformer(cfg).eval()
     stepped = seq2seq.int8.stepped_copy(model)
     assert stepped.decoder_layers[1].ffn[2].weight.data_ptr() == model.decoder_layers[1].ffn[2].weight.data_ptr()
+    src = torch.randint(4, cfg.vocab_size, (3, 7))
+    with torch.inference_mode():
+        scripted = search_batch(stepped, src, SearchConfig(beam_size=2))
+        with monkeypatch.context() as m:  # a torch without TorchScript runs the same function eager
+            m.setattr(seq2seq.int8, "compiled", lambda f: f)
+            assert search_batch(stepped, src, SearchConfig(beam_size=2)) == scripted
     small_steps_decode_as_the_eager_layers(stepped, monkeypatch)
 
 
