@@ -226,14 +226,21 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
         if machine.cpu_native_bf16:
             return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
         return "32", f"this CPU has no native bf16 ({machine.cpu_isa})"
+    if machine.cpu_int8:
+        # int8 on every CPU whose torch has the kernels, native bf16 or not. On a 2-core AMX Xeon (2026-12-07,
+        # docs/benchmarks.md) int8 decoded 1.3-3.9x as fast as bf16 from one sentence a call to 32, and in
+        # 500-line batches 0.95-1.02x, but beam 5 forced to 20 tokens 0.86x: its fp32 key/value cache is twice
+        # bf16's to reorder. bf16 pays oneDNN's 35-75 us a product however few the rows. AVX512-BF16 without
+        # AMX (Zen 4/5) has that cost too and a slower bf16 product; measured there before int8's compiled steps
+        # (int8 3-8% ahead, then bf16 after per-row scales), not since
+        if machine.cpu_native_bf16:
+            return "int8", (f"int8 linear layers (integer dot products), though this CPU has native bf16 "
+                            f"({machine.cpu_isa}): int8 measured faster in small batches on an AMX CPU, level in "
+                            "large ones")
+        return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
     if machine.cpu_native_bf16:
-        # AMX: bf16 measured fastest. AVX512-BF16: int8 measured 3-8% ahead of bf16 while it scaled a whole
-        # batch at once; scaling each row (seq2seq/int8.py) then cost int8 10-12% on an AVX-512 CPU, so
-        # bf16 is expected level or ahead there (docs/benchmarks.md; to be measured on that class again)
-        return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
-    if not machine.cpu_int8:
-        return "32", f"this CPU has no native bf16 ({machine.cpu_isa}) and torch {torch.__version__} no int8 kernels"
-    return "int8", f"this CPU has no native bf16 ({machine.cpu_isa}): int8 linear layers (integer dot products)"
+        return "bf16", f"this CPU has native bf16 ({machine.cpu_isa}) and torch {torch.__version__} no int8 kernels"
+    return "32", f"this CPU has no native bf16 ({machine.cpu_isa}) and torch {torch.__version__} no int8 kernels"
 
 
 def training_precision(requested, accelerator: str, machine: Machine, d_model: int | None = None) -> str:

@@ -34,8 +34,8 @@ T4 = Machine("Intel Xeon", "AVX-512", cpu_native_bf16=False, threads=4, cuda=Tru
 @pytest.mark.parametrize("machine, device, training_choice, decoding_choice", [
     (AVX2, "cpu", "32", "int8"),
     (AVX512, "cpu", "32", "int8"),
-    (ZEN5, "cpu", "bf16", "bf16"),
-    (AMX, "cpu", "bf16", "bf16"),
+    (ZEN5, "cpu", "bf16", "int8"),
+    (AMX, "cpu", "bf16", "int8"),
     (H200, "cuda", "bf16", "bf16"),
     (T4, "cuda", "16", "16"),
 ])
@@ -59,13 +59,15 @@ def test_auto_keeps_a_narrow_model_in_fp32_on_a_cpu(machine):
     assert choose_precision("auto", "cuda", True, H200, d_model=narrow)[0] == "bf16"  # a GPU: the width does not count
 
 
-def test_a_torch_without_int8_kernels_decodes_in_fp32_and_refuses_int8_in_one_line():
+def test_a_torch_without_int8_kernels_decodes_without_them_and_refuses_int8_in_one_line():
     no_int8 = dataclasses.replace(AVX2, cpu_int8=False)
     precision, reason = choose_precision("auto", "cpu", False, no_int8)
     assert precision == "32" and "no int8 kernels" in reason
     with pytest.raises(Seq2SeqError, match=r"precision=int8: torch .* has no quantized CPU kernels"):
         choose_precision("int8", "cpu", False, no_int8)
     assert cpu_int8_kernels()  # this torch has them (the other tests decode in int8)
+    precision, reason = choose_precision("auto", "cpu", False, dataclasses.replace(AMX, cpu_int8=False))
+    assert precision == "bf16" and "no int8 kernels" in reason  # native bf16 is the next fastest
 
 
 def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
@@ -690,7 +692,7 @@ def test_a_precision_the_device_lacks_is_one_line_before_any_work(smoke_run, com
 @pytest.mark.parametrize("machine, d_model, expected", [
     (AVX2, 256, ["training on cpu   32 ", "decoding on cpu   int8", "trainer=auto trains on cpu (no CUDA GPU",
                  "device=auto decodes on cpu (no CUDA GPU"]),
-    (AMX, 256, ["training on cpu   bf16", "decoding on cpu   bf16", "device=auto decodes on cpu (no CUDA GPU"]),
+    (AMX, 256, ["training on cpu   bf16", "decoding on cpu   int8", "device=auto decodes on cpu (no CUDA GPU"]),
     (AMX, 64, ["training on cpu   32    d_model 64 < 128", "decoding on cpu   32    d_model 64 < 128"]),
     (H200, 256, ["training on cpu   bf16", "training on cuda  bf16  NVIDIA H200", "decoding on cuda  bf16",
                  "trainer=auto trains on cuda", "device=auto decodes on cuda"]),
