@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "32", "bf16", "16", "int8")
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "16": torch.float16}  # 32 and int8 run without autocast
+X86_BF16 = ("AMX", "AVX512-BF16")  # x86 CPUs with native bf16, which `auto` decodes in int8 all the same
 # `auto` on a CPU keeps narrower models in fp32. Measured on a 2-core AMX Xeon (docs/benchmarks.md), bf16 / fp32:
 # d_model 64 (experiment=smoke) training 0.45-0.50x in wall time, greedy decoding 0.74x (int8 0.67x);
 # d_model 128 training 1.01x; d_model 256 (model=small) training 2.07x. On a Zen 5 EPYC (AVX512-BF16):
@@ -226,8 +227,11 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
         if machine.cpu_native_bf16:
             return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
         return "32", f"this CPU has no native bf16 ({machine.cpu_isa})"
+    if machine.cpu_native_bf16 and machine.cpu_isa not in X86_BF16:
+        # Arm's BF16: its int8 is the quantized engine's dynamic kernel (qnnpack), anchored; neither measured there
+        return "bf16", f"this CPU has native bf16 ({machine.cpu_isa})"
     if machine.cpu_int8:
-        # int8 on every CPU whose torch has the kernels, native bf16 or not. On a 2-core AMX Xeon (2026-12-07,
+        # int8 on every x86 CPU whose torch has the kernels, native bf16 or not. On a 2-core AMX Xeon (2026-12-07,
         # docs/benchmarks.md) int8 decoded 1.3-3.9x as fast as bf16 from one sentence a call to 32, and in
         # 500-line batches 0.95-1.02x, but beam 5 forced to 20 tokens 0.86x: its fp32 key/value cache is twice
         # bf16's to reorder. bf16 pays oneDNN's 35-75 us a product however few the rows. AVX512-BF16 without

@@ -224,6 +224,8 @@ def test_an_arm_cpu_claiming_bf16_is_timed_like_any_other(speedup, native, monke
     assert "Arm BF16" in machine.cpu_isa and machine.cpu_native_bf16 is native
     precision, _ = choose_precision("auto", "cpu", training=True, machine=machine, d_model=256)
     assert precision == ("bf16" if native else "32")
+    precision, _ = choose_precision("auto", "cpu", training=False, machine=machine, d_model=256)
+    assert precision == ("bf16" if native else "int8")  # int8 over native bf16 was measured on x86 only
 
 
 def test_the_cpu_model_of_an_arm_machine_comes_from_lscpu(tmp_path, monkeypatch):
