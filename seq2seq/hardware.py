@@ -233,7 +233,7 @@ def choose_precision(requested, device: str, training: bool, machine: Machine,
     if machine.cpu_int8:
         # int8 on every x86 CPU whose torch has the kernels, native bf16 or not. On a 2-core AMX Xeon (2026-12-07,
         # docs/benchmarks.md) int8 decoded 1.3-3.9x as fast as bf16 from one sentence a call to 32, and in
-        # 500-line batches 0.95-1.02x, but beam 5 forced to 20 tokens 0.86x: its fp32 key/value cache is twice
+        # 500-line batches 0.95-1.02x, but beam 5 forced to 20 tokens 0.78-0.95x: its fp32 key/value cache is twice
         # bf16's to reorder. bf16 pays oneDNN's 35-75 us a product however few the rows. AVX512-BF16 without
         # AMX (Zen 4/5) has that cost too and a slower bf16 product; measured there before int8's compiled steps
         # (int8 3-8% ahead, then bf16 after per-row scales), not since
