@@ -13,7 +13,8 @@ forces the start of each translation, as `translate prefix=FILE` does.
 
 Concurrent requests are batched: a batch keeps taking requests while they keep coming (until none has
 come for `batch_ms`, `batch_max_ms` after its first, or `batch_lines` lines wait), then one beam search
-translates all their lines and each request gets its own.
+translates all their lines and each request gets its own. After a batch of one request, with none come
+while it was translated (a lone client), the next batch waits for nobody: it takes what is queued and starts.
 A bad request is a 4xx with {"error": "..."}; never a 500.
 """
 import asyncio
@@ -40,7 +41,7 @@ class ServeLimits:
     char_limit: int = 5000  # characters per text
     texts_limit: int = 128  # texts per request
     body_limit: int = 1_000_000  # bytes per request body
-    batch_ms: float = 5.0  # a batch starts when no request has come for this long
+    batch_ms: float = 5.0  # a batch starts when no request has come for this long (after a lone one: at once)
     batch_max_ms: float = 50.0  # ... or this long after its first request
     batch_lines: int = 256  # ... or at once when this many lines wait
 
@@ -83,6 +84,7 @@ class Batcher:
         self.translate_nbest, self.search, self.limits = translate_nbest, search, limits
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = worker
+        self.lone = False  # the last batch had one request, and none came while it was translated
 
     async def translate(self, lines: list[str], prefixes: list[str] | None,
                         nbest: int) -> list[list[tuple[str, float]]]:
@@ -95,14 +97,24 @@ class Batcher:
             batch = [await self.queue.get()]
             await self.gather_more(batch)
             await self.translate_batch(batch)
+            self.lone = len(batch) == 1 and self.queue.empty()
 
     async def gather_more(self, batch: list) -> None:
         """Requests that come in a burst (clients answered by the last batch send their next ones within
-        milliseconds of each other, but not within one fixed window) go into one batch: a lone request
-        waits batch_ms, a burst is taken whole up to batch_max_ms."""
+        milliseconds of each other, but not within one fixed window) go into one batch: a request waits
+        batch_ms for others, a burst is taken whole up to batch_max_ms. After a batch of one request, with none
+        come while it was translated, no burst is coming back: the batch takes what is queued and starts, so a
+        lone client's requests, one at a time, do not each wait batch_ms for others that never come. (After a
+        batch of one with others queued behind it, the batch waits as usual: starting those at once kept 32
+        clients split into batches of 1 and 31, whose answers come back more than batch_ms apart.)"""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.batch_max_ms / 1000
         while sum(len(lines) for lines, _, _, _ in batch) < self.limits.batch_lines:
+            if self.lone:  # a lone client's: take the queue, wait for no more
+                if self.queue.empty():
+                    return
+                batch.append(self.queue.get_nowait())
+                continue
             wait = min(self.limits.batch_ms / 1000, deadline - loop.time())
             if wait <= 0:
                 return

@@ -1,4 +1,5 @@
 """`run.py serve`: LibreTranslate's API, batching of concurrent requests, limits and errors as 4xx."""
+import asyncio
 import json
 import signal
 import subprocess
@@ -6,13 +7,14 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
 
 from seq2seq.checkpoint import TextInfo
 from seq2seq.search import SearchConfig
-from seq2seq.serve import ServeLimits, create_app
+from seq2seq.serve import Batcher, ServeLimits, create_app
 from tests.conftest import ROOT, free_port
 
 
@@ -75,31 +77,73 @@ def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_a
         ["one", "one!", "two", "two!", "three", "three!"])
 
 
+def run_batcher(limits: ServeLimits, clients, translator=None):
+    """Runs a Batcher over `translator` (an Echo) while `clients(batcher)` sends its requests; its batches' lines."""
+    translator = translator or Echo()
+
+    async def serve():
+        batcher = Batcher(translator.translate_nbest, SearchConfig(beam_size=1), limits, ThreadPoolExecutor(1))
+        runner = asyncio.create_task(batcher.run())
+        try:
+            await clients(batcher)
+        finally:
+            runner.cancel()
+        return translator.batches
+
+    return asyncio.run(serve())
+
+
 @pytest.mark.parametrize("batch_max_ms, expected", [(2000.0, [6]), (120.0, [3, 3])])
 def test_a_burst_of_requests_is_one_batch_until_it_stops_or_the_batch_is_old(batch_max_ms, expected):
     """Requests every 50 ms with batch_ms=150: each comes within the quiet gap of the last, so one batch takes
-    them all (a fixed 150 ms window from the first would have cut it), unless batch_max_ms cuts it first."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    them all (a fixed 150 ms window from the first would have cut it), unless batch_max_ms cuts it first. After
+    a batch of three, the next waits for a burst as the first did."""
+    answers = []
 
-    from seq2seq.serve import Batcher
-
-    async def burst():
-        translator = Echo()
-        batcher = Batcher(translator.translate_nbest, SearchConfig(beam_size=1),
-                          ServeLimits(batch_ms=150.0, batch_max_ms=batch_max_ms), ThreadPoolExecutor(1))
-        runner = asyncio.create_task(batcher.run())
+    async def burst(batcher):
         asks = []
         for i in range(6):
             asks.append(asyncio.create_task(batcher.translate([f"s{i}"], None, 1)))
             await asyncio.sleep(0.05)
-        answers = await asyncio.gather(*asks)
-        runner.cancel()
-        return answers, translator.batches
+        answers.extend(await asyncio.gather(*asks))
 
-    answers, batches = asyncio.run(burst())
+    batches = run_batcher(ServeLimits(batch_ms=150.0, batch_max_ms=batch_max_ms), burst)
     assert [a[0][0][0] for a in answers] == [f"S{i}" for i in range(6)]
     assert [len(b) for b in batches] == expected
+
+
+def test_a_lone_client_one_request_at_a_time_does_not_wait_for_others():
+    """After a batch of one request the next starts at once, not after batch_ms (10 s here, so waiting for it
+    would time out). The first batch starts at once too, being full (batch_lines)."""
+    async def one_at_a_time(batcher):
+        await asyncio.wait_for(batcher.translate(["a", "b"], None, 1), 5)
+        for line in ("c", "d", "e"):
+            await asyncio.wait_for(batcher.translate([line], None, 1), 5)
+
+    limits = ServeLimits(batch_ms=10_000.0, batch_max_ms=10_000.0, batch_lines=2)
+    assert run_batcher(limits, one_at_a_time) == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+class SlowEcho(Echo):
+    def translate_nbest(self, lines, search, prefixes=None, scores=True):
+        time.sleep(0.2)
+        return super().translate_nbest(lines, search, prefixes, scores)
+
+
+def test_after_a_batch_of_one_with_requests_queued_behind_it_the_next_batch_waits_as_usual():
+    """A request comes while a one-request batch is translated (200 ms): that is load, not a lone client, so the
+    next batch waits batch_ms for the one after it (100 ms later), as it would after any batch."""
+
+    async def load(batcher):
+        first = asyncio.create_task(batcher.translate(["a", "b"], None, 1))  # full (batch_lines): starts at once
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.translate(["c"], None, 1))  # comes while "a b" is translated
+        await first
+        await asyncio.sleep(0.1)
+        await asyncio.gather(queued, batcher.translate(["d"], None, 1))
+
+    limits = ServeLimits(batch_ms=1000.0, batch_max_ms=3000.0, batch_lines=2)
+    assert run_batcher(limits, load, SlowEcho()) == [["a", "b"], ["c", "d"]]
 
 
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
