@@ -162,10 +162,11 @@ def one_line(e: Exception) -> str:
                     if line.strip() and not line.strip().startswith(details))
 
 
-def register_search_defaults() -> None:
-    """SearchConfig's defaults become Hydra's `search` config, which conf/translate.yaml, evaluate.yaml
-    and visualize.yaml merge at their root: the defaults live in the dataclass alone, and the Python
-    API (`Translator.translate`) shares them."""
+def register_dataclass_defaults(command: str) -> None:
+    """SearchConfig's defaults become Hydra's `search` config, which conf/translate.yaml, evaluate.yaml,
+    visualize.yaml and serve.yaml merge at their root: the defaults live in the dataclass alone, and the
+    Python API (`Translator.translate`) shares them. For `serve`, ServeLimits' become `serve_limits` the
+    same way (imported only then: it brings FastAPI)."""
     from dataclasses import asdict
 
     from hydra.core.config_store import ConfigStore
@@ -173,6 +174,10 @@ def register_search_defaults() -> None:
     from seq2seq.search import SearchConfig
 
     ConfigStore.instance().store(name="search", node=asdict(SearchConfig()))
+    if command == "serve":
+        from seq2seq.serve import ServeLimits
+
+        ConfigStore.instance().store(name="serve_limits", node=asdict(ServeLimits()))
 
 
 def main() -> None:
@@ -197,7 +202,7 @@ def main() -> None:
               f"       python run.py report SWEEP_DIR", file=sys.stderr)
         sys.exit(2)
     sys.argv = [quote_free_text(arg) for arg in sys.argv]
-    register_search_defaults()
+    register_dataclass_defaults(command)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them over lines
     try:
         hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(one_line_errors(COMMANDS[command]))()

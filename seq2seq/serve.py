@@ -36,7 +36,8 @@ LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
 
 @dataclass
 class ServeLimits:
-    """Request limits and the batching window (conf/serve.yaml)."""
+    """Request limits and the batching window. The one place their defaults live: `run.py` gives them to Hydra
+    as the `serve_limits` config that conf/serve.yaml merges at its root (`run.py serve ... batch_ms=0`)."""
 
     char_limit: int = 5000  # characters per text
     texts_limit: int = 128  # texts per request
