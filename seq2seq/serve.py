@@ -97,7 +97,9 @@ class Batcher:
         while True:
             batch = [await self.queue.get()]
             await self.gather_more(batch)
-            await self.translate_batch(batch)
+            batch = [request for request in batch if not request[3].cancelled()]  # given up while waiting
+            if batch:
+                await self.translate_batch(batch)
             self.lone = len(batch) == 1 and self.queue.empty()
 
     async def gather_more(self, batch: list) -> None:
@@ -138,11 +140,13 @@ class Batcher:
         except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
             log.exception("translation failed")
             for _, _, _, future in batch:
-                future.set_exception(BadRequest(503, f"translation failed: {e}"))
+                if not future.done():  # done: given up (cancelled) while it was translated
+                    future.set_exception(BadRequest(503, f"translation failed: {e}"))
             return
         at = 0
         for request_lines, _, _, future in batch:
-            future.set_result(results[at:at + len(request_lines)])
+            if not future.done():
+                future.set_result(results[at:at + len(request_lines)])
             at += len(request_lines)
 
 

@@ -146,6 +146,25 @@ def test_after_a_batch_of_one_with_requests_queued_behind_it_the_next_batch_wait
     assert run_batcher(limits, load, SlowEcho()) == [["a", "b"], ["c", "d"]]
 
 
+@pytest.mark.parametrize("given_up", ["while translated", "while waiting"])
+def test_a_request_given_up_leaves_the_service_answering_the_others(given_up):
+    """A request whose waiting task is cancelled (its handler given up) must not stop the batcher: before, setting
+    the result of its cancelled future raised, the batcher's task ended, and every later request hung. One given up
+    while it still waits for its batch is not translated at all."""
+
+    async def clients(batcher):
+        gone = asyncio.create_task(batcher.translate(["a"], None, 1))
+        await asyncio.sleep(0.05)  # "a" is being translated (200 ms), or waits for others (batch_ms 1 s)
+        gone.cancel()
+        later = await asyncio.wait_for(batcher.translate(["b"], None, 1), 5)
+        assert later == [[("B", 0.0)]]
+
+    translating = given_up == "while translated"
+    limits = ServeLimits(batch_ms=1.0 if translating else 1000.0, batch_max_ms=3000.0)
+    batches = run_batcher(limits, clients, SlowEcho())
+    assert batches == ([["a"], ["b"]] if translating else [["b"]])
+
+
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     answers = {}
