@@ -127,13 +127,23 @@ class Batcher:
                 return
 
     async def translate_batch(self, batch: list) -> None:
+        """One search for each beam the batch's requests need. A request for N alternatives needs a beam of N + 1
+        where the service's is narrower; the other requests keep the service's beam, so that no answer depends on
+        the requests batched with it (a wider beam can find another best translation)."""
+        beams: dict[int, list] = {}
+        for request in batch:
+            beams.setdefault(max(self.search.beam_size, request[2]), []).append(request)
+        for beam_size, requests in sorted(beams.items()):
+            await self.search_requests(requests, beam_size)
+
+    async def search_requests(self, batch: list, beam_size: int) -> None:
+        """Translates the lines of `batch`'s requests in one search of `beam_size` beams; answers each request."""
         lines = [line for request_lines, _, _, _ in batch for line in request_lines]
         prefixes = None  # no request forces a prefix: the search has nothing to force
         if any(request_prefixes for _, request_prefixes, _, _ in batch):
             prefixes = [p for request_lines, request_prefixes, _, _ in batch
                         for p in (request_prefixes or [""] * len(request_lines))]
-        nbest = max(n for _, _, n, _ in batch)
-        search = replace(self.search, nbest=nbest, beam_size=max(self.search.beam_size, nbest))
+        search = replace(self.search, nbest=max(n for _, _, n, _ in batch), beam_size=beam_size)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes, scores=False))

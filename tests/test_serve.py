@@ -165,6 +165,41 @@ def test_a_request_given_up_leaves_the_service_answering_the_others(given_up):
     assert batches == ([["a"], ["b"]] if translating else [["b"]])
 
 
+class BeamEcho(Echo):
+    """An Echo that records the beam of each search too."""
+
+    def __init__(self):
+        super().__init__()
+        self.beams = []
+
+    def translate_nbest(self, lines, search, prefixes=None, scores=True):
+        self.beams.append(search.beam_size)
+        return super().translate_nbest(lines, search, prefixes, scores)
+
+
+def test_a_request_for_more_alternatives_than_the_beam_does_not_widen_the_others_beam():
+    """The service's beam is 5; a request for 7 alternatives needs 8. Batched together, the plain requests are still
+    searched with 5 beams (a wider beam can find another best translation), the other with 8, in its own search."""
+    translator = BeamEcho()
+    http = TestClient(create_app(translator, SearchConfig(beam_size=5), ServeLimits(batch_ms=300.0)))
+    answers = {}
+
+    def ask(name, body):
+        answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
+
+    requests = {"plain": {"q": ["a", "b"]}, "wide": {"q": "c", "alternatives": 7}, "one": {"q": "d", "alternatives": 1}}
+    with http:
+        threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert answers["plain"] == {"translatedText": ["A", "B"]}
+    assert answers["wide"] == {"translatedText": "C", "alternatives": [f"C#{k}" for k in range(1, 8)]}
+    assert answers["one"] == {"translatedText": "D", "alternatives": ["D#1"]}
+    assert sorted(zip(translator.beams, map(sorted, translator.batches))) == [(5, ["a", "b", "d"]), (8, ["c"])]
+
+
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     answers = {}
