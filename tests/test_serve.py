@@ -58,19 +58,26 @@ def test_languages_health_and_openapi_docs():
         assert "/translate" in http.get("/openapi.json").json()["paths"]
 
 
-def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_answer():
-    http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
+def ask_together(http, requests: dict) -> dict:
+    """POSTs each of `requests` (name: body without source and target) to /translate at once, each from its own
+    thread; their answers by name."""
     answers = {}
 
-    def ask(text):
-        answers[text] = http.post("/translate", json={"q": [text, text + "!"], "source": "en", "target": "ja"}).json()
+    def ask(name, body):
+        answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
 
+    threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_concurrent_requests_are_translated_in_one_batch_and_each_gets_its_own_answer():
+    http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     with http:
-        threads = [threading.Thread(target=ask, args=(t,)) for t in ("one", "two", "three")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = ask_together(http, {t: {"q": [t, t + "!"]} for t in ("one", "two", "three")})
     assert {t: a["translatedText"] for t, a in answers.items()} == {
         "one": ["ONE", "ONE!"], "two": ["TWO", "TWO!"], "three": ["THREE", "THREE!"]}
     assert len(translator.batches) == 1 and sorted(translator.batches[0]) == sorted(
@@ -182,18 +189,9 @@ def test_a_request_for_more_alternatives_than_the_beam_does_not_widen_the_others
     searched with 5 beams (a wider beam can find another best translation), the other with 8, in its own search."""
     translator = BeamEcho()
     http = TestClient(create_app(translator, SearchConfig(beam_size=5), ServeLimits(batch_ms=300.0)))
-    answers = {}
-
-    def ask(name, body):
-        answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
-
     requests = {"plain": {"q": ["a", "b"]}, "wide": {"q": "c", "alternatives": 7}, "one": {"q": "d", "alternatives": 1}}
     with http:
-        threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = ask_together(http, requests)
     assert answers["plain"] == {"translatedText": ["A", "B"]}
     assert answers["wide"] == {"translatedText": "C", "alternatives": [f"C#{k}" for k in range(1, 8)]}
     assert answers["one"] == {"translatedText": "D", "alternatives": ["D#1"]}
@@ -202,19 +200,10 @@ def test_a_request_for_more_alternatives_than_the_beam_does_not_widen_the_others
 
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
-    answers = {}
-
-    def ask(name, body):
-        answers[name] = http.post("/translate", json={"source": "en", "target": "ja", **body}).json()
-
     requests = {"plain": {"q": ["a", "b"]}, "one": {"q": "c", "prefix": "私は"},
                 "list": {"q": ["d", "e"], "prefix": ["", "x "]}}
     with http:
-        threads = [threading.Thread(target=ask, args=item) for item in requests.items()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = ask_together(http, requests)
         http.post("/translate", json={"q": "f", "source": "en", "target": "ja"})
     assert answers == {"plain": {"translatedText": ["A", "B"]}, "one": {"translatedText": "私はC"},
                        "list": {"translatedText": ["D", "x E"]}}
