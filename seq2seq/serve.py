@@ -143,8 +143,8 @@ class Batcher:
         if any(request_prefixes for _, request_prefixes, _, _ in batch):
             prefixes = [p for request_lines, request_prefixes, _, _ in batch
                         for p in (request_prefixes or [""] * len(request_lines))]
-        search = replace(self.search, nbest=max(n for _, _, n, _ in batch), beam_size=beam_size)
-        try:
+        try:  # a search the batch cannot have, or a failing model: 503s for this batch, and the batcher goes on
+            search = replace(self.search, nbest=max(n for _, _, n, _ in batch), beam_size=beam_size)
             results = await asyncio.get_running_loop().run_in_executor(
                 self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes, scores=False))
         except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
@@ -216,6 +216,9 @@ def check_request(request: TranslateRequest, src_lang: str, tgt_lang: str, limit
         if len(text) > limits.char_limit:
             raise BadRequest(400, f"q[{i}]: {len(text)} characters exceed the limit of {limits.char_limit}")
         check_unicode(f"q[{i}]", text)
+    if request.alternatives and search.sample:
+        raise BadRequest(400, f"alternatives={request.alternatives}: this service samples one translation per text "
+                              "(sample=true); alternatives need beam search")
     if request.alternatives + 1 > max(search.beam_size, 10):
         raise BadRequest(400, f"alternatives={request.alternatives}: at most {max(search.beam_size, 10) - 1}")
     return [" ".join(text.splitlines()) for text in texts], check_prefix(request, len(texts), limits)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from seq2seq.checkpoint import TextInfo
 from seq2seq.search import SearchConfig
-from seq2seq.serve import Batcher, ServeLimits, create_app
+from seq2seq.serve import BadRequest, Batcher, ServeLimits, create_app
 from tests.conftest import ROOT, free_port
 
 
@@ -221,6 +221,34 @@ def test_a_sampling_service_takes_a_prefix_too():
         answer = http.post("/translate", json={"q": "c", "source": "en", "target": "ja", "prefix": "私は"})
     assert answer.status_code == 200 and answer.json() == {"translatedText": "私はC"}
     assert translator.prefixes == [["私は"]]
+
+
+def test_a_sampling_service_refuses_alternatives_and_goes_on_serving():
+    """Sampling draws one translation per text: a request for alternatives is a 400 naming the field. Before, it
+    reached the batcher, whose search settings refused nbest > 1 there: the batcher's task ended, and this request
+    and every later one hung."""
+    app = create_app(Echo(), SearchConfig(beam_size=1, sample=True), ServeLimits(batch_ms=1.0))
+    with TestClient(app) as http:
+        answer = http.post("/translate", json={"q": "c", "source": "en", "target": "ja", "alternatives": 1})
+        assert answer.status_code == 400 and answer.json()["error"] == (
+            "alternatives=1: this service samples one translation per text (sample=true); alternatives need beam "
+            "search")
+        answer = http.post("/translate", json={"q": "d", "source": "en", "target": "ja"})
+        assert answer.status_code == 200 and answer.json() == {"translatedText": "D"}
+
+
+def test_search_settings_the_batch_cannot_have_are_a_503_and_the_batcher_goes_on():
+    """Whatever building a batch's search raises is that batch's 503, never the batcher's end (which would leave
+    every later request waiting)."""
+
+    async def clients(batcher):
+        batcher.search = SearchConfig(beam_size=1, sample=True)  # nbest 2 is then refused where the search is built
+        with pytest.raises(BadRequest, match="translation failed: sample=true draws one translation per line"):
+            await asyncio.wait_for(batcher.translate(["a"], None, 2), 5)
+        batcher.search = SearchConfig(beam_size=2)
+        assert await asyncio.wait_for(batcher.translate(["b"], None, 2), 5) == [[("B", 0.0), ("B#1", -1.0)]]
+
+    assert run_batcher(ServeLimits(batch_ms=1.0), clients) == [["b"]]
 
 
 @pytest.mark.parametrize("body, status, error", [
