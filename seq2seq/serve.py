@@ -96,10 +96,16 @@ class Batcher:
     async def run(self) -> None:
         while True:
             batch = [await self.queue.get()]
-            await self.gather_more(batch)
-            batch = [request for request in batch if not request[3].cancelled()]  # given up while waiting
-            if batch:
-                await self.translate_batch(batch)
+            try:
+                await self.gather_more(batch)
+                batch = [request for request in batch if not request[3].cancelled()]  # given up while waiting
+                if batch:
+                    await self.translate_batch(batch)
+            except Exception as e:  # noqa: BLE001  (whatever a batch raises is its 503s, never the batcher's end)
+                log.exception("translation failed")  # a failing model, or a search the batch cannot have
+                for _, _, _, future in batch:
+                    if not future.done():  # done: answered, or given up (cancelled) while it was translated
+                        future.set_exception(BadRequest(503, f"translation failed: {e}"))
             self.lone = len(batch) == 1 and self.queue.empty()
 
     async def gather_more(self, batch: list) -> None:
@@ -143,16 +149,9 @@ class Batcher:
         if any(request_prefixes for _, request_prefixes, _, _ in batch):
             prefixes = [p for request_lines, request_prefixes, _, _ in batch
                         for p in (request_prefixes or [""] * len(request_lines))]
-        try:  # a search the batch cannot have, or a failing model: 503s for this batch, and the batcher goes on
-            search = replace(self.search, nbest=max(n for _, _, n, _ in batch), beam_size=beam_size)
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes, scores=False))
-        except Exception as e:  # reported to each waiting request as a 503, logged with its traceback
-            log.exception("translation failed")
-            for _, _, _, future in batch:
-                if not future.done():  # done: given up (cancelled) while it was translated
-                    future.set_exception(BadRequest(503, f"translation failed: {e}"))
-            return
+        search = replace(self.search, nbest=max(n for _, _, n, _ in batch), beam_size=beam_size)
+        results = await asyncio.get_running_loop().run_in_executor(
+            self.worker, lambda: self.translate_nbest(lines, search, prefixes=prefixes, scores=False))
         at = 0
         for request_lines, _, _, future in batch:
             if not future.done():
