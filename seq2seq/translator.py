@@ -132,6 +132,7 @@ class Translator:
         """
         single = isinstance(lines, str)
         lines = [lines] if single else lines
+        check_texts("lines", lines)
         if split:
             best = self.translate_sentences(lines, search, progress, pretokenized, **settings)
         else:
@@ -170,6 +171,9 @@ class Translator:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
         `prefixes`: one target text per line that its translations must begin with ("" for none).
         `scores=False`: every score is 0 where greedy search would compute it only for them (`search_batch`)."""
+        check_texts("lines", lines)
+        if prefixes is not None:
+            check_texts("prefixes", prefixes)
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
         forced = self.prefix_ids(prefixes, len(lines), pretokenized)
@@ -191,6 +195,16 @@ class Translator:
                 bar.update(len(rows))
         bar.close()
         return out
+
+
+def check_texts(name: str, texts) -> None:
+    """A TypeError naming the first item of `texts` that is not a str (or `texts` itself, not a list of them; any
+    sized iterable will do: a tuple, a NumPy array or a pandas Series of str)."""
+    if isinstance(texts, (str, bytes)) or not (hasattr(texts, "__len__") and hasattr(texts, "__iter__")):
+        raise TypeError(f"{name}: expected a list of str, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}]: expected a str, got {type(text).__name__}")
 
 
 def pad_prefix(prefixes: list[list[int]], device) -> torch.Tensor:
@@ -254,6 +268,9 @@ class CTranslate2Translator(Translator):
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
                         pretokenized: bool = False, prefixes: list[str] | None = None, scores: bool = True,
                         **settings) -> list[list[tuple[str, float]]]:
+        check_texts("lines", lines)
+        if prefixes is not None:
+            check_texts("prefixes", prefixes)
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
         forced = self.prefix_ids(prefixes, len(lines), pretokenized)

@@ -36,6 +36,18 @@ def test_translate_keeps_line_count_and_order(translator):
     assert [hyps[0][0] for hyps in nbest] == out and len(nbest[0]) == 2 and nbest[0][0][1] >= nbest[0][1][1]
 
 
+def test_a_line_that_is_not_a_str_is_a_type_error_naming_it(translator):
+    """The Python API's bad input is one clear error naming the item, not an AttributeError from deep inside."""
+    for call, error in [(lambda: translator.translate(["ok", 3]), "lines[1]: expected a str, got int"),
+                        (lambda: translator.translate(None), "lines: expected a list of str, got NoneType"),
+                        (lambda: translator.translate_nbest(["ok"], prefixes=[None]),
+                         "prefixes[0]: expected a str, got NoneType"),
+                        (lambda: translator.translate([b"bytes"], split=True), "lines[0]: expected a str, got bytes")]:
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == error
+
+
 @pytest.mark.slow
 def test_cli_stdin_to_stdout(smoke_run):
     text = "\n".join(LINES) + "\n"
