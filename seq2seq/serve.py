@@ -45,9 +45,10 @@ class ServeLimits:
     batch_ms: float = 5.0  # a batch starts when no request has come for this long (after a lone one: at once)
     batch_max_ms: float = 50.0  # ... or this long after its first request
     batch_lines: int = 256  # ... or at once when this many lines wait
+    queue_lines: int = 8192  # lines taken and not yet answered beyond which a request gets a 503 (busy, Retry-After)
 
     def __post_init__(self):
-        for name in ("char_limit", "texts_limit", "body_limit", "batch_lines"):
+        for name in ("char_limit", "texts_limit", "body_limit", "batch_lines", "queue_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("batch_ms", "batch_max_ms"):
@@ -86,12 +87,22 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = worker
         self.lone = False  # the last batch had one request, and none came while it was translated
+        self.waiting = 0  # lines taken and not yet answered
 
     async def translate(self, lines: list[str], prefixes: list[str] | None,
                         nbest: int) -> list[list[tuple[str, float]]]:
+        """The nbest of each line, once its batch is translated; a 503 at once where queue_lines are taken already
+        (a flood of requests is turned away while the service answers those it has, not queued without end)."""
+        if self.waiting and self.waiting + len(lines) > self.limits.queue_lines:
+            raise BadRequest(503, f"busy: {self.waiting} lines wait to be translated (queue_lines="
+                                  f"{self.limits.queue_lines}); retry later")
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((lines, prefixes, nbest, future))
-        return await future
+        self.waiting += len(lines)
+        try:
+            await self.queue.put((lines, prefixes, nbest, future))
+            return await future
+        finally:
+            self.waiting -= len(lines)
 
     async def run(self) -> None:
         while True:
@@ -250,7 +261,8 @@ def check_unicode(field: str, text: str) -> None:
 def add_error_handlers(app: FastAPI, limits: ServeLimits) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(_request, e: BadRequest):
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        retry = {"Retry-After": "1"} if e.status == 503 else None  # busy, or a failed batch: worth another try
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e: RequestValidationError):

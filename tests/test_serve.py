@@ -198,6 +198,23 @@ def test_a_request_for_more_alternatives_than_the_beam_does_not_widen_the_others
     assert sorted(zip(translator.beams, map(sorted, translator.batches))) == [(5, ["a", "b", "d"]), (8, ["c"])]
 
 
+def test_a_request_beyond_queue_lines_is_a_503_at_once_and_the_service_goes_on():
+    """queue_lines=3: while a request of two lines is translated (200 ms), another of two is turned away at once;
+    one of one line still fits, and once the first is answered, two lines fit again."""
+
+    async def flood(batcher):
+        first = asyncio.create_task(batcher.translate(["a", "b"], None, 1))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BadRequest, match=r"busy: 2 lines wait to be translated \(queue_lines=3\); retry later"):
+            await asyncio.wait_for(batcher.translate(["c", "d"], None, 1), 1)
+        await asyncio.wait_for(asyncio.gather(first, batcher.translate(["e"], None, 1)), 5)
+        assert batcher.waiting == 0
+        await asyncio.wait_for(batcher.translate(["f", "g"], None, 1), 5)
+
+    limits = ServeLimits(batch_ms=1.0, batch_lines=2, queue_lines=3)
+    assert run_batcher(limits, flood, SlowEcho()) == [["a", "b"], ["e"], ["f", "g"]]
+
+
 def test_a_prefix_per_text_and_requests_with_and_without_one_share_a_batch():
     http, translator = client(batch_ms=300.0, batch_max_ms=3000.0)
     requests = {"plain": {"q": ["a", "b"]}, "one": {"q": "c", "prefix": "私は"},
@@ -299,6 +316,7 @@ def test_a_failing_model_is_a_503_not_a_crash():
     with client(Broken())[0] as http:
         answer = http.post("/translate", json={"q": "hi", "source": "en", "target": "ja"})
         assert answer.status_code == 503 and "out of memory" in answer.json()["error"]
+        assert answer.headers["retry-after"] == "1"
         assert http.get("/health").status_code == 200  # still serving
 
 
