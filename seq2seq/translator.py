@@ -103,7 +103,9 @@ class Translator:
 
     def prepare(self, lines: list[str], pretokenized: bool = False, side: str = "src") -> list[str]:
         """What the model reads: each line cleaned as training did and, for raw text and a model trained on
-        a pre-tokenized corpus, lowercased and word-segmented like that corpus (`side`: src or tgt text)."""
+        a pre-tokenized corpus, lowercased and word-segmented like that corpus (`side`: src text, the lines, or tgt
+        text, the prefixes). Anything but a list of str is a TypeError naming the item (`check_texts`)."""
+        check_texts("lines" if side == "src" else "prefixes", lines)
         lines = [clean_line(line, self.info.normalize) for line in lines]
         if self.pretokenized and not pretokenized:
             lines = [model_form(line, getattr(self.info, f"{side}_lang")) for line in lines]
@@ -132,7 +134,6 @@ class Translator:
         """
         single = isinstance(lines, str)
         lines = [lines] if single else lines
-        check_texts("lines", lines)
         if split:
             best = self.translate_sentences(lines, search, progress, pretokenized, **settings)
         else:
@@ -150,13 +151,14 @@ class Translator:
     def prefix_ids(self, prefixes: list[str] | None, n: int, pretokenized: bool) -> list[list[int]] | None:
         if prefixes is None:
             return None
+        prefixes = self.prepare(prefixes, pretokenized, "tgt")
         if len(prefixes) != n:
             raise Seq2SeqError(f"{len(prefixes)} prefixes for {n} lines: give one per line (an empty one for none)")
-        prefixes = self.prepare(prefixes, pretokenized, "tgt")
         return [seq[:self.max_len - 2] for seq in self.tokenizer.encode(prefixes, threads=ENCODE_THREADS)]
 
     def translate_sentences(self, lines: list[str], *args, **settings) -> list[str]:
         """Each line split into sentences, all sentences translated as one batch, each line rejoined."""
+        check_texts("lines", lines)  # before the splitting reads them
         sentences = [split_sentences(line, self.info.src_lang) for line in lines]
         flat = self.translate_nbest([s for line in sentences for s in line], *args, scores=False, **settings)
         out, at = [], 0
@@ -171,9 +173,6 @@ class Translator:
         """For each line, its nbest (translation, score), best first. An empty line gives [("", 0.0)].
         `prefixes`: one target text per line that its translations must begin with ("" for none).
         `scores=False`: every score is 0 where greedy search would compute it only for them (`search_batch`)."""
-        check_texts("lines", lines)
-        if prefixes is not None:
-            check_texts("prefixes", prefixes)
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
         forced = self.prefix_ids(prefixes, len(lines), pretokenized)
@@ -268,9 +267,6 @@ class CTranslate2Translator(Translator):
     def translate_nbest(self, lines: list[str], search: SearchConfig | None = None, progress: bool = False,
                         pretokenized: bool = False, prefixes: list[str] | None = None, scores: bool = True,
                         **settings) -> list[list[tuple[str, float]]]:
-        check_texts("lines", lines)
-        if prefixes is not None:
-            check_texts("prefixes", prefixes)
         search = replace(search or SearchConfig(), **settings)
         ids = self.encode(self.prepare(lines, pretokenized))
         forced = self.prefix_ids(prefixes, len(lines), pretokenized)
