@@ -71,13 +71,14 @@ def test_cli_split_translates_paragraphs_line_by_line(smoke_run, translator):
 
 @pytest.mark.slow
 def test_cli_files_nbest_and_long_lines(smoke_run, tmp_path):
-    (tmp_path / "in.en").write_text("The cat eats the fish.\n" + "the big dog " * 400 + "\n")
+    (tmp_path / "in.en").write_text("The cat eats the fish.\n" + "the big dog " * 400 + "\n\n")
     proc = run_py("translate", f"ckpt={smoke_run}/checkpoints/best.ckpt", f"input={tmp_path}/in.en",
                   f"output={tmp_path}/out.ja", "nbest=3", "beam_size=3", "progress=false")
     assert proc.returncode == 0, proc.stderr
     assert "warning: line 2:" in proc.stderr and "truncated" in proc.stderr
     rows = [line.split(" ||| ") for line in (tmp_path / "out.ja").read_text().splitlines()]
-    assert [r[0] for r in rows] == ["1", "1", "1", "2", "2", "2"]
+    assert [r[0] for r in rows] == ["1", "1", "1", "2", "2", "2", "3"]  # an empty line: one empty translation
+    assert rows[-1] == ["3", "", "0.0000"]
     scores = [float(r[2]) for r in rows[:3]]
     assert scores == sorted(scores, reverse=True)
 
